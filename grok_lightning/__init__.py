@@ -1,0 +1,11 @@
+"""grok_lightning: watch a network grok, live, through the geometry of the zero-loss manifold."""
+
+from grok_lightning.reference import GrokkingModule, ModularArithmeticDataModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GrokkingModule",
+    "ModularArithmeticDataModule",
+    "__version__",
+]
