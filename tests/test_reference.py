@@ -18,7 +18,7 @@ def test_modular_pairs_counts_and_labels(operation, pairs, p, count):
     """Every pair appears once and its label is the operation mod p."""
     a, b, label = modular_pairs(p, operation, pairs)
     assert len(a) == count
-    for x, y, z in zip(a.tolist(), b.tolist(), label.tolist()):
+    for x, y, z in zip(a.tolist(), b.tolist(), label.tolist(), strict=True):
         if operation == "div":
             assert y != 0
             expected = x * pow(y, -1, p) % p
