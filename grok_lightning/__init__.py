@@ -1,5 +1,6 @@
 """grok_lightning: watch a network grok, live, through the geometry of the zero-loss manifold."""
 
+from grok_lightning.callbacks import NormDescentMonitor, ZeroLossDetector, find_zero_loss_detector
 from grok_lightning.reference import GrokkingModule, ModularArithmeticDataModule
 
 __version__ = "0.1.0"
@@ -7,5 +8,8 @@ __version__ = "0.1.0"
 __all__ = [
     "GrokkingModule",
     "ModularArithmeticDataModule",
+    "NormDescentMonitor",
+    "ZeroLossDetector",
     "__version__",
+    "find_zero_loss_detector",
 ]

@@ -1,0 +1,207 @@
+"""NormDescentMonitor: how fast does weight decay drive the weight norm down?"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from grok_lightning.callbacks._data import Warner, decay_groups, squared_norms
+
+__all__ = ["NormDescentMonitor"]
+
+
+class _Sample(NamedTuple):
+    step: int  # trainer.global_step of the measurement
+    total: float  # ‖θ‖²
+    groups: list[float]  # ‖θ_g‖² per param group
+    unconstrained: float  # 2·Σ_g c_g·‖θ_g‖²
+    group_unconstrained: list[float]  # 2·c_g·‖θ_g‖² per param group
+
+
+class NormDescentMonitor(Callback):
+    """Measure the descent of the squared weight norm ‖θ‖² and compare it with what weight decay alone would do.
+
+    θ is every parameter the optimizers hold. Once the model sits on the zero-loss manifold, the loss gradient
+    has no component along it and weight decay is the only force left: the norm shrinks at the rate
+    ``2·Σ_g c_g·⟨θ_g, P_T θ_g⟩`` with ``c_g`` the decay per step of param group ``g`` (``lr·wd``). Unconstrained,
+    with the whole of θ free to shrink, it would shrink at ``2·Σ_g c_g·‖θ_g‖²``. Their ratio estimates, without
+    a Jacobian, the share of the weight that the manifold lets weight decay remove.
+
+    Args:
+        every_n_steps: Measure every this many optimizer steps (``trainer.global_step``).
+        window: Steps over which the descent rate is measured: the rate at step t compares ‖θ‖² with the latest
+            measurement at or before step ``t − window``.
+        log_param_groups: Also log the norm, unconstrained rate and measured rate of each param group.
+
+    Raises:
+        ValueError: If an argument is not a positive integer (or a bool, for ``log_param_groups``).
+        MisconfigurationException: When fitting starts, if the trainer has no optimizer.
+
+    Logged metrics (every ``every_n_steps`` optimizer steps, under that ``trainer.global_step``; rates are per
+    optimizer step and positive when the norm shrinks; also in ``trainer.callback_metrics``):
+
+    - ``grok/weight_norm``: ‖θ‖, in the parameters' units.
+    - ``grok/decay_rate_unconstrained``: ``2·Σ_g c_g·‖θ_g‖²``, the decrease of ‖θ‖² per step that weight decay
+      alone would cause, with ``lr`` and ``weight_decay`` read from the param groups at this step.
+    - ``grok/norm_descent_rate``: ``−Δ‖θ‖² / Δt`` over the last ``window`` steps, in squared units per step
+      (from the first full window on).
+    - ``grok/norm_descent_rate_relative``: ``grok/norm_descent_rate / ‖θ‖²``, in 1/step.
+    - ``grok/effective_tangent_fraction``: the measured rate divided by the unconstrained rate averaged over the
+      window's two ends (dimensionless; ≈ ‖P_Tθ‖²/‖θ‖² on the manifold; not logged without weight decay).
+    - ``grok/norm_timescale``: ``‖θ‖² / grok/norm_descent_rate``, in steps, only while the norm shrinks.
+    - With ``log_param_groups``: ``grok/weight_norm/{group}``, ``grok/decay_rate_unconstrained/{group}``,
+      ``grok/norm_descent_rate/{group}``, where ``{group}`` is the group's ``"name"`` or ``pg{i}``
+      (``opt{j}/pg{i}`` with several optimizers).
+
+    With a ``TensorBoardLogger`` a custom-scalars chart ("grok" → "norm descent rate") draws the measured, the
+    unconstrained and (when a monitor logs one) the predicted rate together.
+
+    Notes:
+        - ``c_g = lr·wd`` for AdamW's decoupled decay and for SGD (``lr·wd/(1 − momentum)`` with momentum, the
+          heavy-ball steady state). The comparison with the theory is exact to first order in ``lr·wd`` for SGD;
+          under AdamW the loss steps are preconditioned, which the theory does not cover: approximate there.
+        - ``torch.optim.Adam`` (and other adaptive optimizers) with ``weight_decay > 0`` apply L2 through the
+          preconditioner: the unconstrained rate does not describe them (one warning; values still logged).
+        - Without weight decay anywhere: one warning; norm and measured rate are still logged.
+        - Parameters sharded across ranks (FSDP, DeepSpeed, DTensor) are reduced across ranks, so every rank
+          logs the norm of the whole model.
+        - One host sync per measurement.
+
+    Example:
+        >>> monitor = NormDescentMonitor(every_n_steps=1, window=10)
+        >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=10)
+    """
+
+    RATE_CHART_TAGS: tuple[str, ...] = (
+        r"grok/norm_descent_rate$",
+        r"grok/decay_rate_unconstrained$",
+        r"grok/.*predicted",
+    )
+
+    def __init__(self, every_n_steps: int = 1, window: int = 10, log_param_groups: bool = False) -> None:
+        super().__init__()
+        for name, value in (("every_n_steps", every_n_steps), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
+        if not isinstance(log_param_groups, bool):
+            raise ValueError(f"Expected argument `log_param_groups` to be a bool, but got {log_param_groups!r}.")
+        self.every_n_steps = every_n_steps
+        self.window = window
+        self.log_param_groups = log_param_groups
+        self._history: deque[_Sample] = deque()
+        self._pending: dict[str, float] = {}
+        self._warn = Warner()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, window=self.window)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.optimizers:
+            raise MisconfigurationException(
+                "NormDescentMonitor needs an optimizer to know which parameters are trained, but the trainer "
+                "has none. Return one from `configure_optimizers`."
+            )
+        self._check_optimizers(trainer)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                layout = {"grok": {"norm descent rate": ["Multiline", list(self.RATE_CHART_TAGS)]}}
+                logger.experiment.add_custom_scalars(layout)
+        if not self._history or self._history[-1].step != trainer.global_step:
+            self._pending = self._measure(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and (not self._history or self._history[-1].step != step):
+            self._pending = self._measure(trainer)
+        if self._pending:
+            for key, value in self._pending.items():
+                pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
+            self._pending = {}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [tuple(sample) for sample in self._history]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._history = deque(_Sample(*sample) for sample in state_dict["history"])
+
+    def _check_optimizers(self, trainer: pl.Trainer) -> None:
+        groups = decay_groups(trainer)
+        for g in groups:
+            if g.weight_decay <= 0:
+                continue
+            name = type(g.optimizer).__name__
+            if g.coupling == "preconditioned":
+                self._warn(
+                    f"preconditioned/{name}",
+                    f"NormDescentMonitor: {name} with weight_decay > 0 applies L2 decay through its adaptive "
+                    "preconditioner, so `grok/decay_rate_unconstrained` (and the tangent fraction built on it) "
+                    "does not apply; both are still logged. Use AdamW for decoupled weight decay.",
+                )
+            elif g.coupling == "unknown":
+                self._warn(
+                    f"unknown/{name}",
+                    f"NormDescentMonitor: unknown optimizer {name}; its weight decay is assumed decoupled "
+                    "(θ ← θ·(1 − lr·wd) per step) for `grok/decay_rate_unconstrained`.",
+                )
+        if all(g.weight_decay <= 0 for g in groups):
+            self._warn(
+                "no_weight_decay",
+                "NormDescentMonitor: no param group has weight decay, so nothing drives the norm down along the "
+                "zero-loss manifold. Norms and measured rates are still logged; "
+                "`grok/effective_tangent_fraction` is not.",
+            )
+
+    def _measure(self, trainer: pl.Trainer) -> dict[str, float]:
+        step = trainer.global_step
+        groups = decay_groups(trainer)
+        squares = squared_norms([g.params for g in groups], trainer).tolist()  # host sync: values to log
+        group_unconstrained = [2.0 * g.decay_per_step * s for g, s in zip(groups, squares, strict=True)]
+        sample = _Sample(step, sum(squares), squares, sum(group_unconstrained), group_unconstrained)
+
+        metrics = {"grok/weight_norm": math.sqrt(sample.total), "grok/decay_rate_unconstrained": sample.unconstrained}
+        if self.log_param_groups:
+            for g, s, u in zip(groups, squares, group_unconstrained, strict=True):
+                metrics[f"grok/weight_norm/{g.name}"] = math.sqrt(s)
+                metrics[f"grok/decay_rate_unconstrained/{g.name}"] = u
+
+        # The window: the latest earlier measurement at least `window` steps back.
+        base = None
+        for earlier in self._history:
+            if earlier.step <= step - self.window:
+                base = earlier
+        if base is not None:
+            span = step - base.step
+            rate = -(sample.total - base.total) / span
+            metrics["grok/norm_descent_rate"] = rate
+            if sample.total > 0:
+                metrics["grok/norm_descent_rate_relative"] = rate / sample.total
+            mean_unconstrained = 0.5 * (base.unconstrained + sample.unconstrained)
+            if mean_unconstrained > 0:
+                metrics["grok/effective_tangent_fraction"] = rate / mean_unconstrained
+            if rate > 0:
+                metrics["grok/norm_timescale"] = sample.total / rate
+            if self.log_param_groups and len(base.groups) == len(squares):
+                for g, now, before in zip(groups, squares, base.groups, strict=True):
+                    metrics[f"grok/norm_descent_rate/{g.name}"] = -(now - before) / span
+
+        # Keep the base of the next windows, drop what is older.
+        while len(self._history) > 1 and self._history[1].step <= step + self.every_n_steps - self.window:
+            self._history.popleft()
+        self._history.append(sample)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        return metrics
