@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from grok_lightning.callbacks._data import Warner, decay_groups, squared_norms
+from grok_lightning.callbacks._data import Warner, decay_groups, optimizer_parameters, squared_norms
 
 __all__ = ["NormDescentMonitor"]
 
@@ -42,14 +42,15 @@ class NormDescentMonitor(Callback):
 
     Raises:
         ValueError: If an argument is not a positive integer (or a bool, for ``log_param_groups``).
-        MisconfigurationException: When fitting starts, if the trainer has no optimizer.
+        MisconfigurationException: When fitting starts, if no optimizer holds parameters.
 
     Logged metrics (every ``every_n_steps`` optimizer steps, under that ``trainer.global_step``; rates are per
     optimizer step and positive when the norm shrinks; also in ``trainer.callback_metrics``):
 
     - ``grok/weight_norm``: ‖θ‖, in the parameters' units.
     - ``grok/decay_rate_unconstrained``: ``2·Σ_g c_g·‖θ_g‖²``, the decrease of ‖θ‖² per step that weight decay
-      alone would cause, with ``lr`` and ``weight_decay`` read from the param groups at this step.
+      alone would cause, with ``lr`` and ``weight_decay`` read from the param groups when the step is measured
+      (a per-step scheduler has then already set the next step's ``lr``).
     - ``grok/norm_descent_rate``: ``−Δ‖θ‖² / Δt`` over the last ``window`` steps, in squared units per step
       (from the first full window on).
     - ``grok/norm_descent_rate_relative``: ``grok/norm_descent_rate / ‖θ‖²``, in 1/step.
@@ -105,10 +106,11 @@ class NormDescentMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.optimizers:
+        if not optimizer_parameters(trainer):
             raise MisconfigurationException(
-                "NormDescentMonitor needs an optimizer to know which parameters are trained, but the trainer "
-                "has none. Return one from `configure_optimizers`."
+                "NormDescentMonitor needs an optimizer to know which parameters are trained, but the trainer's "
+                f"optimizers {[type(o).__name__ for o in trainer.optimizers]} hold no parameters. Return one from "
+                "`configure_optimizers`."
             )
         self._check_optimizers(trainer)
         for logger in trainer.loggers:
