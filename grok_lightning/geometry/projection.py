@@ -1,0 +1,301 @@
+"""Tangent and normal projections onto the zero-loss manifold of a constraint set.
+
+At parameters θ with constraint Jacobian J ∈ R^{m×P} (see :mod:`grok_lightning.geometry.operator`), the
+tangent space is T = null(J) and the normal space N = row(J) = range(Jᵀ). For any v ∈ R^P:
+
+    P_N v = Jᵀ (J Jᵀ)⁺ J v = J⁺ J v,        P_T v = v − P_N v,
+
+well defined whether or not J has full row rank (when m > P, row(J) may be almost all of R^P and T small).
+
+Two methods, one answer:
+
+* ``"dense"`` materializes J (m, P) in float64 from chunked, vmapped Jᵀ·eᵢ products, forms the Gram matrix of
+  the smaller side (J Jᵀ if m ≤ P, else Jᵀ J) and takes its symmetric eigendecomposition. Rank cut-off:
+  singular values σᵢ ≤ rtol · σ_max count as zero, with ``rtol = max(m, P) · eps`` of the dtype J was
+  computed in (the convention of ``numpy.linalg.matrix_rank``; J in float32 carries relative noise near
+  1e-7, so smaller singular values are not resolved); the Gram route adds a floor of sqrt(side · eps64),
+  about 1e-7 for side 1000, that matters only for float64 models. The factorization is cached until θ changes, so
+  projecting more vectors at the same θ costs two matrix–vector products each.
+* ``"iterative"`` never forms J: it solves min_u ‖Jᵀu − v‖ with LSQR (:func:`batched_lsqr`, A = Jᵀ), whose
+  residual v − Jᵀu *is* P_T v at convergence, and whose residual norm decreases monotonically to ‖P_T v‖.
+  Each step costs one J·v (a traced :func:`torch.func.linearize` graph) and one Jᵀ·u (the cached
+  :func:`torch.func.vjp` closure). Since any u gives Jᵀu ∈ row(J), the previous solution u of the same
+  vector key is a valid warm start after θ moves: the solver keeps it and starts from it next time.
+  Recurrences run in float64, products in the parameters' dtype.
+
+The stopping test and the reported ``relative_residual`` are ‖J·P_T v‖ / ‖J v‖: the share of the constraint
+violation of v that the projection leaves (0 for the exact projection, 1 for none). Where v lies in row(J),
+as the loss gradient does, the projection is 0 and that is what the solver returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from grok_lightning.geometry.operator import ConstraintOperator
+from grok_lightning.geometry.solvers import batched_lsqr
+
+Method = Literal["auto", "dense", "iterative"]
+METHODS: tuple[str, ...] = ("auto", "dense", "iterative")
+
+
+@dataclass
+class ProjectionResult:
+    """Tangent and normal parts of one or more vectors, and how they were obtained.
+
+    Attributes:
+        tangent: P_T v, (P,) or (k, P), float64.
+        normal: P_N v = v − P_T v, same shape.
+        method: ``"dense"`` or ``"iterative"``.
+        iterations: LSQR steps (0 for dense).
+        relative_residual: max over the vectors of ‖J·P_T v‖ / ‖J v‖ (0 when J v = 0); for ``"iterative"``
+            LSQR's estimate, for ``"dense"`` measured.
+        rank: Numerical rank of J (dense only, else ``None``).
+        converged: Whether every vector met the tolerance within the iteration cap (always True for dense).
+        seconds: Wall time of the call (including linearization and factorization when they happened).
+    """
+
+    tangent: Tensor
+    normal: Tensor
+    method: str
+    iterations: int
+    relative_residual: float
+    rank: int | None = None
+    converged: bool = True
+    seconds: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+
+def _machine_eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+class TangentProjector:
+    """Projects parameter-space vectors onto T = null(J) and N = row(J) at the operator's current θ.
+
+    A stateful solver: it caches the dense factorization per θ and, for ``"iterative"``, the last LSQR
+    solution of each vector key (``keys`` in :meth:`project`) as the next warm start.
+
+    Args:
+        operator: The constraint operator (module, constraint set, trained parameters).
+        method: ``"dense"``, ``"iterative"`` or ``"auto"`` (dense when J fits in ``dense_max_bytes`` as
+            float64 and its small side is at most ``dense_max_side``, iterative otherwise).
+        tol: Iterative stopping tolerance on ‖J·P_T v‖ / ‖J v‖.
+        max_iter: Iterative iteration cap.
+        damping: Tikhonov damping δ ≥ 0 of the iterative solve: it returns v − Jᵀ(JJᵀ + δ²I)⁻¹Jv, which
+            leaves directions with σᵢ ≲ δ partly in the tangent part (biasing tangent norms up) and speeds
+            convergence. Default 0 (the exact projector).
+        rank_rtol: Dense rank cut-off relative to σ_max; default ``max(m, P) · eps(parameter dtype)``.
+        dense_max_bytes: Largest float64 J that ``"auto"`` materializes.
+        dense_max_side: Largest Gram matrix side that ``"auto"`` decomposes.
+        chunk_size: Rows of J per vmapped batch when materializing it.
+        warm_start: Whether iterative solves start from the previous solution of the same key.
+
+    Raises:
+        ValueError: If an argument is out of range or an unknown choice.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.tensor([[0.0, 2.0]]))
+        >>> projector = TangentProjector(ConstraintOperator(net, torch.ones(1, 2)), method="dense")
+        >>> projector.project(torch.tensor([0.0, 2.0])).tangent
+        tensor([-1.,  1.], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        operator: ConstraintOperator,
+        method: Method = "auto",
+        *,
+        tol: float = 1e-5,
+        max_iter: int = 200,
+        damping: float = 0.0,
+        rank_rtol: float | None = None,
+        dense_max_bytes: int = 2**28,
+        dense_max_side: int = 6000,
+        chunk_size: int = 1024,
+        warm_start: bool = True,
+    ) -> None:
+        if not isinstance(operator, ConstraintOperator):
+            raise ValueError(
+                f"Expected argument `operator` to be a ConstraintOperator, but got {type(operator).__name__}."
+            )
+        if method not in METHODS:
+            raise ValueError(f"Expected argument `method` to be one of {METHODS}, but got {method!r}.")
+        if not (isinstance(tol, float | int) and 0 < tol < 1):
+            raise ValueError(f"Expected argument `tol` to be in (0, 1), but got {tol!r}.")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"Expected argument `max_iter` to be a positive integer, but got {max_iter!r}.")
+        if not (isinstance(damping, float | int) and damping >= 0):
+            raise ValueError(f"Expected argument `damping` to be non-negative, but got {damping!r}.")
+        if rank_rtol is not None and not (isinstance(rank_rtol, float | int) and 0 <= rank_rtol < 1):
+            raise ValueError(f"Expected argument `rank_rtol` to be in [0, 1) or None, but got {rank_rtol!r}.")
+        for name, value in (
+            ("dense_max_bytes", dense_max_bytes),
+            ("dense_max_side", dense_max_side),
+            ("chunk_size", chunk_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
+        self.operator = operator
+        self.method = method
+        self.tol = float(tol)
+        self.max_iter = max_iter
+        self.damping = float(damping)
+        self.rank_rtol = rank_rtol
+        self.dense_max_bytes = dense_max_bytes
+        self.dense_max_side = dense_max_side
+        self.chunk_size = chunk_size
+        self.warm_start = warm_start
+        self._dense_key: tuple | None = None
+        self._dense: tuple[Tensor, Tensor, bool, int] | None = None
+        self._warm: dict[str, Tensor] = {}
+
+    @property
+    def resolved_method(self) -> str:
+        """The method ``"auto"`` resolves to for this operator (or the fixed method)."""
+        if self.method != "auto":
+            return self.method
+        m, p = self.operator.num_constraints, self.operator.num_params
+        fits = m * p * 8 <= self.dense_max_bytes and min(m, p) <= self.dense_max_side
+        return "dense" if fits else "iterative"
+
+    def reset(self) -> None:
+        """Forget warm starts and the cached dense factorization."""
+        self._warm.clear()
+        self._dense_key = self._dense = None
+
+    # ------------------------------------------------------------------ entry point
+
+    def project(self, vectors: Tensor, keys: Sequence[str] | None = None) -> ProjectionResult:
+        """Tangent and normal parts of one vector (P,) or a batch (k, P) at the current parameters.
+
+        Args:
+            vectors: Flat parameter-space vectors (see :meth:`ConstraintOperator.flatten`), any float dtype.
+            keys: One name per vector (e.g. ``["theta", "grad"]``): the iterative solver warm-starts each
+                from the previous solution under the same name. Default: ``"0"``, ``"1"``, … by position.
+
+        Returns:
+            A :class:`ProjectionResult` whose tensors have the shape of ``vectors``, in float64.
+        """
+        p = self.operator.num_params
+        if not isinstance(vectors, Tensor) or vectors.dim() not in (1, 2) or vectors.shape[-1] != p:
+            raise ValueError(
+                f"Expected argument `vectors` to be a tensor of shape ({p},) or (k, {p}), but got "
+                f"{tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__}."
+            )
+        batch = vectors.reshape(-1, p).to(torch.float64)
+        if keys is None:
+            keys = [str(i) for i in range(batch.shape[0])]
+        if len(keys) != batch.shape[0]:
+            raise ValueError(f"Expected argument `keys` to name {batch.shape[0]} vectors, but got {len(keys)}.")
+
+        start = time.perf_counter()
+        if self.resolved_method == "dense":
+            result = self._project_dense(batch)
+        else:
+            result = self._project_iterative(batch, list(keys))
+        result.seconds = time.perf_counter() - start
+        if vectors.dim() == 1:
+            result.tangent, result.normal = result.tangent[0], result.normal[0]
+        return result
+
+    # ------------------------------------------------------------------ dense
+
+    def _factorize(self) -> tuple[Tensor, Tensor, bool, int]:
+        op = self.operator
+        op.value()  # linearize at the current θ (no-op if cached)
+        if self._dense is not None and self._dense_key == op._key:
+            return self._dense
+        jac = op.jacobian(self.chunk_size)  # (m, P) float64
+        m, p = jac.shape
+        row_side = m <= p
+        gram = jac @ jac.T if row_side else jac.T @ jac  # (min(m, P),)²
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+        rtol = self.rank_rtol if self.rank_rtol is not None else max(m, p) * _machine_eps(op.dtype)
+        # Eigenvalues of the Gram matrix carry absolute errors near side · eps64 · σ_max², so σᵢ below
+        # sqrt(side · eps64) · σ_max cannot be told from zero whatever rtol says.
+        floor = gram.shape[0] * _machine_eps(torch.float64)
+        sigma_max_sq = eigenvalues[-1].clamp_min(0.0)
+        keep = eigenvalues > max(rtol**2, floor) * sigma_max_sq
+        if sigma_max_sq <= 0:
+            keep = torch.zeros_like(keep)
+        rank = int(keep.sum())
+        basis = eigenvectors[:, keep]
+        if row_side:
+            # row(J) = range(Jᵀ U Λ^{-1/2}): orthonormal basis V = Jᵀ U Λ^{-1/2}, (P, r).
+            basis = (jac.T @ basis) / eigenvalues[keep].sqrt()
+        self._dense = (jac, basis, row_side, rank)
+        self._dense_key = op._key
+        return self._dense
+
+    def _project_dense(self, batch: Tensor) -> ProjectionResult:
+        jac, basis, _, rank = self._factorize()
+        batch = batch.to(jac.device)
+        normal = (batch @ basis) @ basis.T  # (k, P): V Vᵀ v
+        tangent = batch - normal
+        jv = batch @ jac.T  # (k, m)
+        residual = (tangent @ jac.T).norm(dim=1) / jv.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        residual = torch.where(jv.norm(dim=1) > 0, residual, torch.zeros_like(residual))
+        return ProjectionResult(
+            tangent=tangent,
+            normal=normal,
+            method="dense",
+            iterations=0,
+            relative_residual=float(residual.max()),
+            rank=rank,
+        )
+
+    # ------------------------------------------------------------------ iterative
+
+    def _project_iterative(self, batch: Tensor, keys: list[str]) -> ProjectionResult:
+        op = self.operator
+        k, m = batch.shape[0], op.num_constraints
+        u0 = torch.zeros(k, m, dtype=torch.float64, device=batch.device)
+        warm = [self.warm_start and key in self._warm for key in keys]
+        for i, key in enumerate(keys):
+            if warm[i]:
+                u0[i] = self._warm[key]
+
+        # The reference of the relative residual is ‖J v‖; on a warm start the right-hand side is the
+        # residual of u₀, so J v needs one product of its own.
+        rhs = batch
+        scale = None
+        if any(warm):
+            rhs = batch - op.vjp(u0)
+            scale = op.jvp(batch).norm(dim=1)
+
+        solved = batched_lsqr(
+            op.vjp,
+            op.jvp,
+            rhs,
+            m,
+            damp=self.damping,
+            tol=self.tol,
+            scale=scale,
+            max_iter=self.max_iter,
+        )
+        u = u0 + solved.x
+        for i, key in enumerate(keys):
+            self._warm[key] = u[i].clone()
+
+        tangent = solved.residual  # v − Jᵀu: P_T v at convergence
+        reference = solved.scale
+        relative = torch.where(
+            reference > 0, solved.normal_residual / reference.clamp_min(1e-300), torch.zeros_like(reference)
+        )
+        return ProjectionResult(
+            tangent=tangent,
+            normal=batch - tangent,
+            method="iterative",
+            iterations=solved.iterations,
+            relative_residual=float(relative.max()),
+            converged=bool(solved.converged.all()),
+        )
