@@ -33,6 +33,8 @@ __all__ = [
     "default_per_sample_loss",
     "default_unpack_batch",
     "eval_mode",
+    "log_now",
+    "log_pending",
     "optimizer_parameters",
     "per_sample_loss",
     "predictions_correct",
@@ -40,6 +42,7 @@ __all__ = [
     "squared_norms",
     "to_device",
     "training_batches",
+    "training_set_is_complete",
     "training_tensors",
 ]
 
@@ -179,6 +182,7 @@ def training_batches(
     trainer: pl.Trainer,
     batch_size: int,
     unpack_batch: UnpackBatch = default_unpack_batch,
+    shard: bool = True,
 ) -> Iterator[tuple[Any, Any]]:
     """This rank's share of the whole training set, as ``(inputs, targets)`` batches (not yet on the device).
 
@@ -186,9 +190,10 @@ def training_batches(
     Otherwise from the training dataloader without advancing it: a torch ``DataLoader`` over a map-style
     dataset is replaced by a sequential copy over this rank's share; any other iterable (assumed already
     sharded per rank, as Lightning's distributed samplers make it) is iterated through a shallow copy.
-    Iterate it inside :func:`preserved_rng`.
+    With ``shard=False`` every rank reads the whole set instead, except from such an iterable, which yields
+    what it yields (see :func:`training_set_is_complete`). Iterate it inside :func:`preserved_rng`.
     """
-    rank, world_size = trainer.global_rank, trainer.world_size
+    rank, world_size = (trainer.global_rank, trainer.world_size) if shard else (0, 1)
     tensors = training_tensors(trainer)
     if tensors is not None:
         inputs, targets = tensors
@@ -209,6 +214,23 @@ def training_batches(
                 loader = copy.copy(loader)  # iterables that count their own epochs keep their count
         for batch in loader:
             yield unpack_batch(batch)
+
+
+def training_set_is_complete(trainer: pl.Trainer) -> bool:
+    """Whether ``training_batches(trainer, ..., shard=False)`` yields the whole training set on every rank.
+
+    True with :func:`training_tensors` or when every training dataloader is a torch ``DataLoader`` over a
+    map-style dataset; an iterable that shards itself per rank yields only this rank's share.
+    """
+    if training_tensors(trainer) is not None:
+        return True
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        return False
+    return all(
+        isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
+        for loader in (loaders.values() if isinstance(loaders, dict) else [loaders])
+    )
 
 
 def optimizer_parameters(trainer: pl.Trainer) -> list[Tensor]:
@@ -326,3 +348,35 @@ class Warner:
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move a batch (tensors in any collection) to ``device``."""
     return move_data_to_device(batch, device)
+
+
+def is_publishing_step(trainer: pl.Trainer) -> bool:
+    """Whether the step just taken is one the Trainer's loggers write (every ``log_every_n_steps``), or the last.
+
+    Callbacks that measure often publish on these steps only: a ``pl_module.log`` call costs about as much as a
+    whole optimizer step of a small model.
+    """
+    n = trainer.log_every_n_steps
+    last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+    return (n > 0 and trainer.global_step % n == 0) or last or trainer.should_stop
+
+
+def log_now(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` to every logger now, under ``step``, independently of ``log_every_n_steps``.
+
+    Lightning's step-level logging would repeat a callback's last value at every logging step until the epoch
+    ends; callbacks that measure at their own cadence write directly and fill ``trainer.callback_metrics`` with
+    :func:`log_pending`.
+    """
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def log_pending(pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
+    """Put ``metrics`` into ``trainer.callback_metrics`` (for ``EarlyStopping``, ``ModelCheckpoint``), not loggers.
+
+    Call it from a hook that allows step-level ``self.log`` (e.g. ``on_train_batch_end``); values measured in
+    ``on_train_start`` wait for the first batch end. Not synchronized: every rank logs what it measured.
+    """
+    for key, value in metrics.items():
+        pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)

@@ -12,7 +12,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from grok_lightning.callbacks._data import Warner, decay_groups, optimizer_parameters, squared_norms
+from grok_lightning.callbacks._data import (
+    Warner,
+    decay_groups,
+    is_publishing_step,
+    optimizer_parameters,
+    squared_norms,
+)
 
 __all__ = ["NormDescentMonitor"]
 
@@ -44,8 +50,10 @@ class NormDescentMonitor(Callback):
         ValueError: If an argument is not a positive integer (or a bool, for ``log_param_groups``).
         MisconfigurationException: When fitting starts, if no optimizer holds parameters.
 
-    Logged metrics (every ``every_n_steps`` optimizer steps, under that ``trainer.global_step``; rates are per
-    optimizer step and positive when the norm shrinks; also in ``trainer.callback_metrics``):
+    Logged metrics (measured every ``every_n_steps`` optimizer steps; the latest measurement is published, under
+    the ``trainer.global_step`` it was taken at, to the loggers and ``trainer.callback_metrics`` at the start of
+    training and on the Trainer's logging steps, every ``log_every_n_steps``; rates are per optimizer step and
+    positive when the norm shrinks):
 
     - ``grok/weight_norm``: ‖θ‖, in the parameters' units.
     - ``grok/decay_rate_unconstrained``: ``2·Σ_g c_g·‖θ_g‖²``, the decrease of ‖θ‖² per step that weight decay
@@ -97,7 +105,9 @@ class NormDescentMonitor(Callback):
         self.window = window
         self.log_param_groups = log_param_groups
         self._history: deque[_Sample] = deque()
-        self._pending: dict[str, float] = {}
+        self._pending: dict[str, float] = {}  # the latest measurement, not yet published
+        self._pending_step = -1
+        self._published_steps: tuple[int, ...] = ()
         self._warn = Warner()
 
     @property
@@ -119,6 +129,7 @@ class NormDescentMonitor(Callback):
                 logger.experiment.add_custom_scalars(layout)
         if not self._history or self._history[-1].step != trainer.global_step:
             self._pending = self._measure(trainer)
+            self._publish(trainer, None)
 
     @override
     def on_train_batch_end(
@@ -127,10 +138,21 @@ class NormDescentMonitor(Callback):
         step = trainer.global_step
         if step % self.every_n_steps == 0 and (not self._history or self._history[-1].step != step):
             self._pending = self._measure(trainer)
-        if self._pending:
-            for key, value in self._pending.items():
-                pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
-            self._pending = {}
+        if self._pending and is_publishing_step(trainer):
+            self._publish(trainer, pl_module)
+
+    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> None:
+        # Publishing costs far more than measuring (each `pl_module.log` call is ~0.1-1 ms), so values are
+        # published on the steps the Trainer's loggers write, like the module's own `self.log` values.
+        if self._pending_step not in self._published_steps:
+            for logger in trainer.loggers:
+                logger.log_metrics(self._pending, step=self._pending_step)
+            self._published_steps = (self._pending_step,)
+        if pl_module is None:  # on_train_start: `pl_module.log` is not allowed there yet
+            return
+        for key, value in self._pending.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
+        self._pending = {}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -204,6 +226,5 @@ class NormDescentMonitor(Callback):
         while len(self._history) > 1 and self._history[1].step <= step + self.every_n_steps - self.window:
             self._history.popleft()
         self._history.append(sample)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        self._pending_step = step
         return metrics
