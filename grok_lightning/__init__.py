@@ -1,6 +1,11 @@
 """grok_lightning: watch a network grok, live, through the geometry of the zero-loss manifold."""
 
-from grok_lightning.callbacks import NormDescentMonitor, ZeroLossDetector, find_zero_loss_detector
+from grok_lightning.callbacks import (
+    NormDescentMonitor,
+    TangentGradientMonitor,
+    ZeroLossDetector,
+    find_zero_loss_detector,
+)
 from grok_lightning.reference import GrokkingModule, ModularArithmeticDataModule
 
 __version__ = "0.1.0"
@@ -9,6 +14,7 @@ __all__ = [
     "GrokkingModule",
     "ModularArithmeticDataModule",
     "NormDescentMonitor",
+    "TangentGradientMonitor",
     "ZeroLossDetector",
     "__version__",
     "find_zero_loss_detector",
