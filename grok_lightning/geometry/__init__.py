@@ -4,6 +4,7 @@ No Lightning here: the callbacks gather data and parameters and call into this p
 """
 
 from grok_lightning.geometry.operator import CONSTRAINT_KINDS, ConstraintKind, ConstraintOperator, evaluation_scope
+from grok_lightning.geometry.precondition import ReadoutPreconditioner
 from grok_lightning.geometry.projection import METHODS, Method, ProjectionResult, TangentProjector
 from grok_lightning.geometry.solvers import LSQRResult, batched_lsqr
 
@@ -15,6 +16,7 @@ __all__ = [
     "LSQRResult",
     "Method",
     "ProjectionResult",
+    "ReadoutPreconditioner",
     "TangentProjector",
     "batched_lsqr",
     "evaluation_scope",

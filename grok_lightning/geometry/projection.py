@@ -22,6 +22,10 @@ Two methods, one answer:
   :func:`torch.func.vjp` closure). Since any u gives Jᵀu ∈ row(J), the previous solution u of the same
   vector key is a valid warm start after θ moves: the solver keeps it and starts from it next time.
   Recurrences run in float64, products in the parameters' dtype.
+  When the constraint outputs come straight out of a trained ``nn.Linear`` read-out, LSQR is preconditioned in
+  output space, u = L w with L = (H Hᵀ + c I)^(-1/2) ⊗ I_C from the read-out's inputs H
+  (:class:`~grok_lightning.geometry.precondition.ReadoutPreconditioner`): range(Jᵀ L) = range(Jᵀ), so the
+  answer is the same exact projector, in fewer steps.
 
 The stopping test and the reported ``relative_residual`` are ‖J·P_T v‖ / ‖J v‖: the share of the constraint
 violation of v that the projection leaves (0 for the exact projection, 1 for none). Where v lies in row(J),
@@ -39,10 +43,12 @@ import torch
 from torch import Tensor
 
 from grok_lightning.geometry.operator import ConstraintOperator
+from grok_lightning.geometry.precondition import ReadoutPreconditioner
 from grok_lightning.geometry.solvers import batched_lsqr
 
 Method = Literal["auto", "dense", "iterative"]
 METHODS: tuple[str, ...] = ("auto", "dense", "iterative")
+PRECONDITIONERS: tuple[str, ...] = ("auto", "none")
 
 
 @dataclass
@@ -96,6 +102,11 @@ class TangentProjector:
         dense_max_side: Largest Gram matrix side that ``"auto"`` decomposes.
         chunk_size: Rows of J per vmapped batch when materializing it.
         warm_start: Whether iterative solves start from the previous solution of the same key.
+        preconditioner: ``"auto"`` (default): when the constraint outputs come straight out of a trained
+            ``nn.Linear``, precondition LSQR in output space with the read-out layer's
+            :class:`~grok_lightning.geometry.precondition.ReadoutPreconditioner` (u = L w; same exact projector,
+            fewer steps; the stopping test then reads ‖L·J·P_T v‖ ≤ tol·‖L·J v‖ and ``relative_residual``
+            is measured exactly with one extra batched J·v). ``"none"``: plain LSQR. Never used with damping.
 
     Raises:
         ValueError: If an argument is out of range or an unknown choice.
@@ -122,6 +133,7 @@ class TangentProjector:
         dense_max_side: int = 6000,
         chunk_size: int = 1024,
         warm_start: bool = True,
+        preconditioner: str = "auto",
     ) -> None:
         if not isinstance(operator, ConstraintOperator):
             raise ValueError(
@@ -135,6 +147,10 @@ class TangentProjector:
             raise ValueError(f"Expected argument `max_iter` to be a positive integer, but got {max_iter!r}.")
         if not (isinstance(damping, float | int) and damping >= 0):
             raise ValueError(f"Expected argument `damping` to be non-negative, but got {damping!r}.")
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"Expected argument `preconditioner` to be one of {PRECONDITIONERS}, but got {preconditioner!r}."
+            )
         if rank_rtol is not None and not (isinstance(rank_rtol, float | int) and 0 <= rank_rtol < 1):
             raise ValueError(f"Expected argument `rank_rtol` to be in [0, 1) or None, but got {rank_rtol!r}.")
         for name, value in (
@@ -154,6 +170,9 @@ class TangentProjector:
         self.dense_max_side = dense_max_side
         self.chunk_size = chunk_size
         self.warm_start = warm_start
+        self.preconditioner = preconditioner
+        self._precond_key: tuple | None = None
+        self._precond: ReadoutPreconditioner | None = None
         self._dense_key: tuple | None = None
         self._dense: tuple[Tensor, Tensor, bool, int] | None = None
         self._warm: dict[str, Tensor] = {}
@@ -168,9 +187,21 @@ class TangentProjector:
         return "dense" if fits else "iterative"
 
     def reset(self) -> None:
-        """Forget warm starts and the cached dense factorization."""
+        """Forget warm starts and the cached dense factorization and preconditioner."""
         self._warm.clear()
         self._dense_key = self._dense = None
+        self._precond_key = self._precond = None
+
+    def readout_preconditioner(self) -> ReadoutPreconditioner | None:
+        """The output-space preconditioner the iterative solve uses at the current θ (``None``: plain LSQR)."""
+        if self.preconditioner == "none" or self.damping > 0:
+            return None
+        op = self.operator
+        op.value()  # linearize at the current θ (no-op if cached)
+        if self._precond_key != op._key:
+            self._precond = ReadoutPreconditioner.from_operator(op)
+            self._precond_key = op._key
+        return self._precond
 
     # ------------------------------------------------------------------ entry point
 
@@ -263,18 +294,32 @@ class TangentProjector:
         for i, key in enumerate(keys):
             if warm[i]:
                 u0[i] = self._warm[key]
+        precond = self.readout_preconditioner()
 
-        # The reference of the relative residual is ‖J v‖; on a warm start the right-hand side is the
-        # residual of u₀, so J v needs one product of its own.
+        # With u = u₀ + L w, LSQR solves min_w ‖(v − Jᵀu₀) − Jᵀ L w‖ (L = I unpreconditioned): the same
+        # minimal residual P_T v for any nonsingular L. Its stopping test is relative to ‖Aᵀ v‖ = ‖L J v‖,
+        # which on a warm start (right-hand side v − Jᵀu₀) needs one J·v of its own.
+        if precond is None:
+            matvec, rmatvec = op.vjp, op.jvp
+        else:
+
+            def matvec(w: Tensor) -> Tensor:
+                return op.vjp(precond.apply(w))
+
+            def rmatvec(y: Tensor) -> Tensor:
+                return precond.apply(op.jvp(y))
+
         rhs = batch
         scale = None
+        jv = None
         if any(warm):
             rhs = batch - op.vjp(u0)
-            scale = op.jvp(batch).norm(dim=1)
+            jv = op.jvp(batch)
+            scale = (jv if precond is None else precond.apply(jv)).norm(dim=1)
 
         solved = batched_lsqr(
-            op.vjp,
-            op.jvp,
+            matvec,
+            rmatvec,
             rhs,
             m,
             damp=self.damping,
@@ -282,15 +327,22 @@ class TangentProjector:
             scale=scale,
             max_iter=self.max_iter,
         )
-        u = u0 + solved.x
+        u = u0 + (solved.x if precond is None else precond.apply(solved.x))
         for i, key in enumerate(keys):
             self._warm[key] = u[i].clone()
 
         tangent = solved.residual  # v − Jᵀu: P_T v at convergence
-        reference = solved.scale
-        relative = torch.where(
-            reference > 0, solved.normal_residual / reference.clamp_min(1e-300), torch.zeros_like(reference)
-        )
+        if precond is None:
+            reference, leftover = solved.scale, solved.normal_residual
+        else:
+            # LSQR's estimates are in the preconditioned norm: measure ‖J·P_T v‖ / ‖J v‖ exactly instead.
+            if jv is None:
+                both = op.jvp(torch.cat([batch, tangent]))
+                jv, jt = both[:k], both[k:]
+            else:
+                jt = op.jvp(tangent)
+            reference, leftover = jv.norm(dim=1), jt.norm(dim=1)
+        relative = torch.where(reference > 0, leftover / reference.clamp_min(1e-300), torch.zeros_like(reference))
         return ProjectionResult(
             tangent=tangent,
             normal=batch - tangent,
@@ -298,4 +350,5 @@ class TangentProjector:
             iterations=solved.iterations,
             relative_residual=float(relative.max()),
             converged=bool(solved.converged.all()),
+            extras={"preconditioner": None if precond is None else f"readout:{precond.layer}"},
         )
