@@ -4,13 +4,19 @@
     (full ``jacrev`` Jacobian + ``torch.linalg.pinv``).
 (b) Iterative path on the (a + b) mod 97 cross-entropy MLP (3764 samples × 97 outputs, 74 496 parameters)
     after 1500 full-batch AdamW steps (state cached in /tmp): cold LSQR, warm-started LSQR after a few more
-    optimizer steps, and plain CG on the normal equations J Jᵀ (float32 and float64) for comparison.
+    optimizer steps, plain CG on the normal equations J Jᵀ (float32 and float64) for comparison, and LSQR
+    with the output-space read-out preconditioner (``ReadoutPreconditioner``), cold and warm.
 
-Run: ``python benchmarks/bench_geometry.py``.
+Times depend on the machine's load (the CPU is shared): the load average is printed next to them, and
+iteration counts are the load-independent part.
+
+Run: ``python benchmarks/bench_geometry.py [--threads N]``. On a shared, oversubscribed CPU (load above the core
+count) torch's intra-op threads wait on each other: one thread was measured 4-5x faster per step than two there.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import time
@@ -18,7 +24,7 @@ import time
 import torch
 from torch.func import functional_call, jacrev
 
-from grok_lightning.geometry import ConstraintOperator, TangentProjector, batched_lsqr
+from grok_lightning.geometry import ConstraintOperator, ReadoutPreconditioner, TangentProjector, batched_lsqr
 from grok_lightning.reference import GrokkingModule, ModularArithmeticDataModule
 
 CACHE = "/tmp/grok_geometry_bench/p97_adamw1500.pt"
@@ -99,21 +105,30 @@ def trained_mod97():
     return net, optimizer, dm
 
 
-def lsqr_trace(operator, theta, u0=None, iterations=100):
-    """LSQR on min ‖Jᵀu − θ‖ from u0; returns [(seconds, ρ_k)] and the final u."""
+def lsqr_trace(operator, theta, u0=None, iterations=100, precond=None):
+    """LSQR on min ‖Jᵀu − θ‖ from u0 (u = u0 + L w with a preconditioner); returns [(seconds, ρ_k)] and u."""
     norm2 = theta.norm() ** 2
+    start = time.perf_counter()
     rhs = theta[None] if u0 is None else theta[None] - operator.vjp(u0[None])
-    trace, start = [], time.perf_counter()
+    matvec, rmatvec = operator.vjp, operator.jvp
+    if precond is not None:
+
+        def matvec(w):
+            return operator.vjp(precond.apply(w))
+
+        def rmatvec(y):
+            return precond.apply(operator.jvp(y))
+
+    trace = []
     if u0 is not None:
-        trace.append((0.0, (rhs.norm() ** 2 / norm2).item()))
+        trace.append((time.perf_counter() - start, (rhs.norm() ** 2 / norm2).item()))
 
     def record(i, residual_norm, normal):
         trace.append((time.perf_counter() - start, (residual_norm[0] ** 2 / norm2).item()))
 
-    out = batched_lsqr(
-        operator.vjp, operator.jvp, rhs, operator.num_constraints, tol=1e-14, max_iter=iterations, trace=record
-    )
-    u = out.x[0] if u0 is None else u0 + out.x[0]
+    out = batched_lsqr(matvec, rmatvec, rhs, operator.num_constraints, tol=1e-14, max_iter=iterations, trace=record)
+    x = out.x if precond is None else precond.apply(out.x)
+    u = x[0] if u0 is None else u0 + x[0]
     return trace, u, (out.residual[0].norm() ** 2 / norm2).item()
 
 
@@ -159,6 +174,10 @@ def describe(name, trace, reference):
     print(f"    {name:<34} {reached:<34} last rho {final[1]:.6f} ({len(trace)} it, {final[0]:.2f} s)")
 
 
+def load():
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
 def bench_iterative():
     net, optimizer, dm = trained_mod97()
     x, y = dm.train_inputs, dm.train_targets
@@ -175,31 +194,54 @@ def bench_iterative():
     start = time.perf_counter()
     for _ in range(3):
         operator.vjp(operator.jvp(theta))
-    print(f"    one J.v + one J^T.u (one LSQR step): {(time.perf_counter() - start) / 3 * 1e3:.0f} ms")
+    print(f"    one J.v + one J^T.u (one LSQR step): {(time.perf_counter() - start) / 3 * 1e3:.0f} ms ({load()})")
+    start = time.perf_counter()
+    precond = ReadoutPreconditioner.from_operator(operator)
+    print(
+        f"    read-out preconditioner ({precond.layer}, c = {precond.shift:.3g}): built in "
+        f"{time.perf_counter() - start:.2f} s"
+    )
+    u_probe = operator.jvp(theta)[None]
+    start = time.perf_counter()
+    for _ in range(3):
+        precond.apply(operator.jvp(operator.vjp(precond.apply(u_probe))))
+    print(f"    one preconditioned LSQR step (pair + 2 L): {(time.perf_counter() - start) / 3 * 1e3:.0f} ms ({load()})")
+    start = time.perf_counter()
+    batch3 = torch.stack([theta, theta.flip(0), theta.roll(1)])
+    operator.vjp(operator.jvp(batch3))
+    print(
+        f"    one J.v + one J^T.u for 3 vectors at once (vmap): {(time.perf_counter() - start) * 1e3:.0f} ms ({load()})"
+    )
 
     # Cold LSQR, long enough to serve as the converged reference.
     trace, u, rho_ref = lsqr_trace(operator, theta, iterations=150)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         f"    converged rho (LSQR, 150 it) = {rho_ref:.6f}; last 10 it changed it by "
         f"{(trace[-11][1] - trace[-1][1]) / rho_ref:.1e} rel."
     )
     print(f"    analytic lower bound from the {w1.shape[0]} ReLU rescaling directions: {rescaling:.6f}")
     describe("LSQR float64, cold", trace, rho_ref)
+    pre_trace, u_pre, _ = lsqr_trace(operator, theta, iterations=45, precond=precond)
+    describe("LSQR + read-out precond., cold", pre_trace, rho_ref)
     for dtype in (torch.float32, torch.float64):
         cg = cg_trace(operator, theta, dtype)
         describe(f"CG on J J^T, {str(dtype)[6:]}, cold", cg, rho_ref)
         print(f"        CG relative residual after {len(cg)} it: {cg[-1][2]:.1e}")
-    for tol in (1e-3, 1e-4):
-        result = TangentProjector(operator, "iterative", tol=tol, max_iter=300).project(theta)
-        rho = (result.tangent.norm() ** 2 / theta.norm() ** 2).item()
-        print(
-            f"    TangentProjector(tol={tol:.0e}) cold: {result.seconds:5.2f} s, {result.iterations} it, "
-            f"rho {rho:.6f} (rel err {abs(rho - rho_ref) / rho_ref:.1e})"
-        )
+    for preconditioner, tols in (("none", (1e-3,)), ("auto", (1e-2, 3e-3, 1e-3))):
+        for tol in tols:
+            projector = TangentProjector(operator, "iterative", tol=tol, max_iter=300, preconditioner=preconditioner)
+            result = projector.project(theta)
+            rho = (result.tangent.norm() ** 2 / theta.norm() ** 2).item()
+            print(
+                f"    TangentProjector(tol={tol:.0e}, preconditioner={preconditioner}) cold: {result.seconds:5.2f} s, "
+                f"{result.iterations} it, rho {rho:.6f} (rel err {abs(rho - rho_ref) / rho_ref:.1e}), {load()}"
+            )
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"    extra peak RSS of the cold solves: {(rss1 - rss0) / 1024:.0f} MB")
 
-    # A few optimizer steps later: warm start from the previous u.
+    # A few optimizer steps later: warm start from the previous u (plain and preconditioned LSQR each keep theirs).
+    warm_projector = TangentProjector(operator, "iterative", tol=1e-2, max_iter=300)
+    warm_projector.project(theta, keys=["theta"])
     for steps in (1, 5):
         for _ in range(steps):
             loss = torch.nn.functional.cross_entropy(net(x), y)
@@ -208,14 +250,24 @@ def bench_iterative():
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         theta_new = operator.parameter_vector().double()
-        warm, u_new, rho_new = lsqr_trace(operator, theta_new, u0=u, iterations=60)
+        warm_pre, u_pre_new, rho_new = lsqr_trace(operator, theta_new, u0=u_pre, iterations=45, precond=precond)
+        warm, u_new, _ = lsqr_trace(operator, theta_new, u0=u, iterations=45)
         describe(f"LSQR warm, +{steps} AdamW steps", warm, rho_new)
-        u = u_new
-        print(f"        reference rho after the steps (warm LSQR, 60 it) = {rho_new:.6f}")
+        describe(f"LSQR + precond. warm, +{steps} steps", warm_pre, rho_new)
+        u, u_pre = u_new, u_pre_new
+        print(f"        reference rho after the steps (preconditioned warm LSQR, 45 it) = {rho_new:.6f}")
+        result = warm_projector.project(theta_new, keys=["theta"])
+        rho = (result.tangent.norm() ** 2 / theta_new.norm() ** 2).item()
+        print(
+            f"        TangentProjector(tol=1e-02) warm: {result.seconds:5.2f} s, {result.iterations} it, rho {rho:.6f} "
+            f"(rel err {abs(rho - rho_new) / rho_new:.1e}), {load()}"
+        )
 
 
 def main():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    torch.set_num_threads(max(1, parser.parse_args().threads))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_dense()
     bench_iterative()
