@@ -183,7 +183,12 @@ class TangentGradientMonitor(Callback):
           directions of small singular values of J, underestimating the distance). θ′ and its Jacobian live on
           a copy of the parameters; the tangent space at θ′ is always that of the output constraints (with
           ``constraint="losses"`` and squared error, the loss Jacobian vanishes on Z). Costs
-          ``reference_steps`` + 1 solves, counted against the time budget.
+          ``reference_steps`` + 1 solves, counted against the time budget. Where no step reduces the residual
+          (far from Z, where the linearization fails), the two keys are not logged at that step (one warning).
+        - **ReLU.** The prediction assumes a smooth manifold. Measured on the paper-style MLP (p = 7, MSE,
+          full-batch SGD, after memorization, float64 dense reference): with GELU the predicted rate is within
+          1–3 % of the measured one; with ReLU it exceeds it by 25–40 % however small wd·lr (units at their kink
+          on some training samples hold part of the "tangent" weight in place).
         - **Approximate** under AdamW (the loss steps are preconditioned, outside the theorem) and with
           cross-entropy (Z is at infinity; the tangent decomposition is still well defined, the rate prediction
           approximate). ``torch.optim.Adam`` and other adaptive optimizers with ``weight_decay > 0`` apply L2
@@ -537,7 +542,8 @@ class TangentGradientMonitor(Callback):
 
             if self.projected_reference:
                 distance, cosine = self._projected_reference(pl_module, op, theta, loss_grad)
-                metrics["grok/tangent/distance_to_manifold"] = distance
+                if distance is not None:
+                    metrics["grok/tangent/distance_to_manifold"] = distance
                 if cosine is not None:
                     metrics["grok/tangent/loss_grad_cos"] = cosine
             op.refresh()  # drop the linearization (its saved activations) until the next measuring step
@@ -585,7 +591,7 @@ class TangentGradientMonitor(Callback):
 
     def _projected_reference(
         self, pl_module: pl.LightningModule, op: ConstraintOperator, theta: Tensor, loss_grad: Tensor
-    ) -> tuple[float, float | None]:
+    ) -> tuple[float | None, float | None]:
         if self._reference is None:
             copy = _ParameterCopy(pl_module, op.names, [p.detach() for p in op.params])
             # The constraint set of `op` (the probe subset, if any), as output constraints.
@@ -606,6 +612,7 @@ class TangentGradientMonitor(Callback):
         self._load(copy, reference_op, current)
         residual = reference_op.value().double() - targets
         best, best_residual = current, float(residual.norm())
+        theta_start = current
         for _ in range(self.reference_steps):
             if best_residual <= floor:
                 break
@@ -621,6 +628,15 @@ class TangentGradientMonitor(Callback):
                 break
         if best is not current:
             self._load(copy, reference_op, best)
+        if best is theta_start and best_residual > floor:
+            self._warn(
+                "no_nearest_point",
+                "TangentGradientMonitor: Gauss–Newton found no point nearer the zero-loss manifold than θ (the "
+                "linearization does not hold that far from it); `grok/tangent/distance_to_manifold` and "
+                "`grok/tangent/loss_grad_cos` are not logged at such steps.",
+            )
+            reference_op.refresh()
+            return None, None
 
         distance = float((theta - best).norm())
         grad_norm = float(loss_grad.norm())
@@ -642,6 +658,8 @@ class TangentGradientMonitor(Callback):
         if projector.resolved_method == "dense":
             jac = op.jacobian()
             rtol = max(jac.shape) * torch.finfo(op.dtype).eps  # the projector's rank cut-off
+            if jac.device.type == "cpu":  # SVD-based (gelsd; gelsy fails on J with zero columns, dead units)
+                return torch.linalg.lstsq(jac, residual[:, None], rcond=rtol, driver="gelsd").solution[:, 0]
             return torch.linalg.pinv(jac, rtol=rtol) @ residual
         solved = batched_lsqr(op.jvp, op.vjp, residual[None], op.num_params, tol=self.tol, max_iter=self.max_iter)
         return solved.x[0]
