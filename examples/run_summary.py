@@ -89,7 +89,7 @@ class RunSummary(pl.Callback):
 
 
 def plot_curves(history: list[dict[str, float]], summary: dict[str, Any], path: Path) -> None:
-    """Train/val accuracy and loss over optimizer steps, with the memorization and generalization steps."""
+    """Train/val accuracy, loss and weight norm over optimizer steps, with the memorization and generalization steps."""
     try:
         import matplotlib
 
@@ -101,19 +101,21 @@ def plot_curves(history: list[dict[str, float]], summary: dict[str, Any], path: 
     if not history:
         return
     steps = [row["step"] for row in history]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_acc, ax_loss, ax_norm) = plt.subplots(1, 3, figsize=(14, 3.6))
     for key, style in (("train/acc", "-"), ("val/acc", "-")):
         ax_acc.plot(steps, [row.get(key, math.nan) for row in history], style, label=key)
     for key in ("train/loss", "val/loss"):
         ax_loss.plot(steps, [row.get(key, math.nan) for row in history], label=key)
     ax_loss.set_yscale("log")
-    for ax in (ax_acc, ax_loss):
+    ax_norm.plot(steps, [row.get("grok/weight_norm", math.nan) for row in history], color="tab:purple")
+    ax_norm.set_ylabel("weight norm ‖θ‖")
+    for ax in (ax_acc, ax_loss, ax_norm):
         for name, color in (("memorized_step", "tab:gray"), ("generalized_step", "tab:green")):
             if summary.get(name) is not None:
                 ax.axvline(summary[name], color=color, linestyle="--", linewidth=1, label=name.replace("_", " "))
-        ax.set_xscale("log")
         ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=8)
+    ax_acc.legend(fontsize=8)
+    ax_loss.legend(fontsize=8)
     ax_acc.set_ylabel("accuracy")
     ax_loss.set_ylabel("loss")
     fig.tight_layout()
