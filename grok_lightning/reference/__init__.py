@@ -3,6 +3,7 @@
 from grok_lightning.reference.data import ModularArithmeticDataModule, TensorBatches, encode_pairs, modular_pairs
 from grok_lightning.reference.module import GrokkingModule
 from grok_lightning.reference.networks import MLP, MLPConfig, Transformer, TransformerConfig
+from grok_lightning.reference.predicted_dynamics import PredictedDynamicsModule
 from grok_lightning.reference.toys import LinearToyModule, ToyDataModule
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "LinearToyModule",
     "MLPConfig",
     "ModularArithmeticDataModule",
+    "PredictedDynamicsModule",
     "TensorBatches",
     "ToyDataModule",
     "Transformer",
