@@ -23,8 +23,9 @@ $(BIN)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python examples/reproduce.py fit --config $(DEMO_CONFIG)
 
+# OpenMP threads that spin while they wait slow float64 LAPACK calls ~50x when the 2 cores are shared.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff format --check .
