@@ -161,3 +161,65 @@ def test_projector_rejects_bad_arguments(kwargs, match):
         TangentProjector(op).project(torch.ones(5))
     with pytest.raises(ValueError, match="`inputs`"):
         ConstraintOperator(nn.Linear(2, 1), torch.ones(0, 2))
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again (functorch would treat it as constant), with a jvp."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (y,) = ctx.saved_tensors
+        return tangent * (1 - y * y)
+
+
+class OnceDifferentiable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.fc2 = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc2(_OnceDifferentiableTanh.apply(self.fc1(x)))
+
+
+def test_tangent_map_is_lazy():
+    """Building the operator, Jᵀ·u and the dense projection never build the J·v map; the first J·v does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    op = ConstraintOperator(net, torch.randn(4, 3, dtype=torch.float64))
+    op.vjp(torch.ones(op.num_constraints, dtype=torch.float64))
+    TangentProjector(op, "dense").project(op.parameter_vector())
+    assert op._jvp_fn is None
+    op.jvp(op.parameter_vector())
+    assert op._jvp_fn is not None and not op._jvp_traced
+
+
+def test_jvp_falls_back_to_linearize_without_double_backward():
+    """A module whose backward cannot be differentiated again still gets J·v right, through linearize."""
+    torch.manual_seed(0)
+    net = OnceDifferentiable().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    op = ConstraintOperator(net, x)
+    jac = op.jacobian()  # rows from Jᵀ·eᵢ: one backward only
+    v = torch.randn(2, op.num_params, dtype=torch.float64)
+    torch.testing.assert_close(op.jvp(v), v @ jac.T)
+    assert op._jvp_traced
+    reference = torch.func.jacrev(lambda w: functional_call(net, {"fc1.weight": w}, (x,)).reshape(-1))(
+        net.fc1.weight.detach()
+    )
+    torch.testing.assert_close(jac[:, :15], reference.reshape(8, 15))
