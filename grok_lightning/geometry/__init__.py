@@ -5,7 +5,7 @@ No Lightning here: the callbacks gather data and parameters and call into this p
 
 from grok_lightning.geometry.operator import CONSTRAINT_KINDS, ConstraintKind, ConstraintOperator, evaluation_scope
 from grok_lightning.geometry.precondition import ReadoutPreconditioner
-from grok_lightning.geometry.projection import METHODS, Method, ProjectionResult, TangentProjector
+from grok_lightning.geometry.projection import METHODS, Method, MinNormSolution, ProjectionResult, TangentProjector
 from grok_lightning.geometry.solvers import LSQRResult, batched_lsqr
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "ConstraintOperator",
     "LSQRResult",
     "Method",
+    "MinNormSolution",
     "ProjectionResult",
     "ReadoutPreconditioner",
     "TangentProjector",

@@ -18,7 +18,7 @@ Two methods, one answer:
   projecting more vectors at the same θ costs two matrix–vector products each.
 * ``"iterative"`` never forms J: it solves min_u ‖Jᵀu − v‖ with LSQR (:func:`batched_lsqr`, A = Jᵀ), whose
   residual v − Jᵀu *is* P_T v at convergence, and whose residual norm decreases monotonically to ‖P_T v‖.
-  Each step costs one J·v (a traced :func:`torch.func.linearize` graph) and one Jᵀ·u (the cached
+  Each step costs one J·v (the transpose of the cached vjp closure) and one Jᵀ·u (the cached
   :func:`torch.func.vjp` closure). Since any u gives Jᵀu ∈ row(J), the previous solution u of the same
   vector key is a valid warm start after θ moves: the solver keeps it and starts from it next time.
   Recurrences run in float64, products in the parameters' dtype.
@@ -78,8 +78,36 @@ class ProjectionResult:
     extras: dict = field(default_factory=dict)
 
 
+@dataclass
+class MinNormSolution:
+    """The minimum-norm solution J⁺r of :meth:`TangentProjector.min_norm_solve`, and how it was obtained.
+
+    Attributes:
+        solution: J⁺r, (P,) or (k, P), float64.
+        method: ``"dense"`` or ``"iterative"``.
+        iterations: LSQR steps (0 for dense).
+        converged: Whether every right-hand side met the tolerance (always True for dense).
+        timed_out: Whether the iterative solve stopped at its deadline.
+        seconds: Wall time of the call (including linearization and factorization when they happened).
+    """
+
+    solution: Tensor
+    method: str
+    iterations: int
+    converged: bool = True
+    timed_out: bool = False
+    seconds: float = 0.0
+
+
 def _machine_eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, float | int) or deadline < 0):
+        raise ValueError(
+            f"Expected argument `deadline` to be a non-negative number of seconds or None, but got {deadline!r}."
+        )
 
 
 class TangentProjector:
@@ -174,7 +202,7 @@ class TangentProjector:
         self._precond_key: tuple | None = None
         self._precond: ReadoutPreconditioner | None = None
         self._dense_key: tuple | None = None
-        self._dense: tuple[Tensor, Tensor, bool, int] | None = None
+        self._dense: tuple[Tensor, Tensor, Tensor, int] | None = None
         self._warm: dict[str, Tensor] = {}
 
     @property
@@ -205,17 +233,25 @@ class TangentProjector:
 
     # ------------------------------------------------------------------ entry point
 
-    def project(self, vectors: Tensor, keys: Sequence[str] | None = None) -> ProjectionResult:
+    def project(
+        self, vectors: Tensor, keys: Sequence[str] | None = None, *, deadline: float | None = None
+    ) -> ProjectionResult:
         """Tangent and normal parts of one vector (P,) or a batch (k, P) at the current parameters.
 
         Args:
             vectors: Flat parameter-space vectors (see :meth:`ConstraintOperator.flatten`), any float dtype.
             keys: One name per vector (e.g. ``["theta", "grad"]``): the iterative solver warm-starts each
                 from the previous solution under the same name. Default: ``"0"``, ``"1"``, … by position.
+            deadline: Seconds, from the call, after which the iterative solver stops at its next step and
+                returns its current iterate with ``converged=False`` and ``extras["timed_out"]=True`` (the
+                solution is still kept as the next warm start, so progress accumulates over calls). The
+                dense method is a fixed cost and ignores it. ``None``: no limit.
 
         Returns:
             A :class:`ProjectionResult` whose tensors have the shape of ``vectors``, in float64.
         """
+        start = time.perf_counter()
+        _check_deadline(deadline)
         p = self.operator.num_params
         if not isinstance(vectors, Tensor) or vectors.dim() not in (1, 2) or vectors.shape[-1] != p:
             raise ValueError(
@@ -228,19 +264,75 @@ class TangentProjector:
         if len(keys) != batch.shape[0]:
             raise ValueError(f"Expected argument `keys` to name {batch.shape[0]} vectors, but got {len(keys)}.")
 
-        start = time.perf_counter()
         if self.resolved_method == "dense":
             result = self._project_dense(batch)
         else:
-            result = self._project_iterative(batch, list(keys))
+            stop_at = None if deadline is None else start + deadline
+            result = self._project_iterative(batch, list(keys), stop_at)
         result.seconds = time.perf_counter() - start
         if vectors.dim() == 1:
             result.tangent, result.normal = result.tangent[0], result.normal[0]
         return result
 
+    # ------------------------------------------------------------------ minimum-norm solve
+
+    def min_norm_solve(self, rhs: Tensor, *, deadline: float | None = None) -> MinNormSolution:
+        """J⁺r: the minimum-norm δ with J δ = r (least squares when r is not in range(J)), at the current θ.
+
+        With J = U Σ Vᵀ (rank r after the cut-off), J⁺r = V Σ⁻² Vᵀ Jᵀ r. The dense method reads V and Σ² from the
+        cached factorization that :meth:`project` uses (so a projection at the same θ costs nothing more); the
+        iterative one runs plain LSQR on J from δ = 0 (no warm start: δ is not comparable between calls), which
+        converges to the minimum-norm solution, stopping when ‖Jᵀ(r − Jδ)‖ ≤ ``tol``·‖Jᵀr‖.
+
+        Args:
+            rhs: Constraint-space vector(s) r, (m,) or (k, m), any float dtype.
+            deadline: As in :meth:`project` (iterative only).
+
+        Returns:
+            A :class:`MinNormSolution` whose ``solution`` has shape (P,) or (k, P), float64.
+        """
+        start = time.perf_counter()
+        _check_deadline(deadline)
+        op = self.operator
+        m = op.num_constraints
+        if not isinstance(rhs, Tensor) or rhs.dim() not in (1, 2) or rhs.shape[-1] != m:
+            raise ValueError(
+                f"Expected argument `rhs` to be a tensor of shape ({m},) or (k, {m}), but got "
+                f"{tuple(rhs.shape) if isinstance(rhs, Tensor) else type(rhs).__name__}."
+            )
+        batch = rhs.reshape(-1, m).to(torch.float64)
+        if self.resolved_method == "dense":
+            jac, basis, sigma_sq, _ = self._factorize()
+            batch = batch.to(jac.device)
+            x = ((batch @ jac) @ basis / sigma_sq) @ basis.T  # (k, P): V Σ⁻² Vᵀ Jᵀ r
+            result = MinNormSolution(solution=x, method="dense", iterations=0)
+        else:
+            solved = batched_lsqr(
+                op.jvp,
+                op.vjp,
+                batch,
+                op.num_params,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                stop_at=None if deadline is None else start + deadline,
+            )
+            result = MinNormSolution(
+                solution=solved.x,
+                method="iterative",
+                iterations=solved.iterations,
+                converged=bool(solved.converged.all()),
+                timed_out=solved.timed_out,
+            )
+        if rhs.dim() == 1:
+            result.solution = result.solution[0]
+        result.seconds = time.perf_counter() - start
+        return result
+
     # ------------------------------------------------------------------ dense
 
-    def _factorize(self) -> tuple[Tensor, Tensor, bool, int]:
+    def _factorize(self) -> tuple[Tensor, Tensor, Tensor, int]:
+        # J (m, P), an orthonormal basis V of row(J) (P, r) and the kept σᵢ² (r,): J = U Σ Vᵀ.
+
         op = self.operator
         op.value()  # linearize at the current θ (no-op if cached)
         if self._dense is not None and self._dense_key == op._key:
@@ -263,7 +355,7 @@ class TangentProjector:
         if row_side:
             # row(J) = range(Jᵀ U Λ^{-1/2}): orthonormal basis V = Jᵀ U Λ^{-1/2}, (P, r).
             basis = (jac.T @ basis) / eigenvalues[keep].sqrt()
-        self._dense = (jac, basis, row_side, rank)
+        self._dense = (jac, basis, eigenvalues[keep], rank)
         self._dense_key = op._key
         return self._dense
 
@@ -286,7 +378,7 @@ class TangentProjector:
 
     # ------------------------------------------------------------------ iterative
 
-    def _project_iterative(self, batch: Tensor, keys: list[str]) -> ProjectionResult:
+    def _project_iterative(self, batch: Tensor, keys: list[str], stop_at: float | None) -> ProjectionResult:
         op = self.operator
         k, m = batch.shape[0], op.num_constraints
         u0 = torch.zeros(k, m, dtype=torch.float64, device=batch.device)
@@ -326,6 +418,7 @@ class TangentProjector:
             tol=self.tol,
             scale=scale,
             max_iter=self.max_iter,
+            stop_at=stop_at,
         )
         u = u0 + (solved.x if precond is None else precond.apply(solved.x))
         for i, key in enumerate(keys):
@@ -350,5 +443,8 @@ class TangentProjector:
             iterations=solved.iterations,
             relative_residual=float(relative.max()),
             converged=bool(solved.converged.all()),
-            extras={"preconditioner": None if precond is None else f"readout:{precond.layer}"},
+            extras={
+                "preconditioner": None if precond is None else f"readout:{precond.layer}",
+                "timed_out": solved.timed_out,
+            },
         )

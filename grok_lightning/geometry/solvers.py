@@ -9,6 +9,7 @@ one entry per right-hand side; the k products per step go through one batched ca
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class LSQRResult:
         normal_residual: LSQR's estimate of ‖Aᵀ(b − A x)‖ (damped: of the damped normal residual), (k,).
         converged: Whether each column met its tolerance, (k,) bool.
         scale: The reference of the stopping test, (k,).
+        timed_out: Whether the solve stopped at ``stop_at`` with columns still unconverged.
     """
 
     x: Tensor
@@ -35,6 +37,7 @@ class LSQRResult:
     normal_residual: Tensor
     converged: Tensor
     scale: Tensor
+    timed_out: bool = False
 
 
 def _safe_div(a: Tensor, b: Tensor) -> Tensor:
@@ -52,6 +55,7 @@ def batched_lsqr(
     scale: Tensor | None = None,
     max_iter: int = 100,
     trace: Callable[[int, Tensor, Tensor], None] | None = None,
+    stop_at: float | None = None,
 ) -> LSQRResult:
     """Solve min ‖A xⱼ − bⱼ‖² + damp²‖xⱼ‖² for k right-hand sides at once, starting from x = 0.
 
@@ -66,6 +70,8 @@ def batched_lsqr(
         max_iter: Iteration cap.
         trace: Optional ``trace(iteration, residual_norm, normal_residual)`` called after every step with
             LSQR's (k,) estimates of ‖b − A x‖ and ‖Aᵀ(b − A x)‖ (for convergence studies).
+        stop_at: A :func:`time.perf_counter` value: no step starts after it (unconverged columns then
+            report ``converged=False`` and ``timed_out`` is set). ``None``: no time limit.
 
     Returns:
         An :class:`LSQRResult`. Columns with b = 0 or Aᵀb = 0 are solved at x = 0 with zero iterations of
@@ -93,7 +99,11 @@ def batched_lsqr(
     iterations = 0
     av = aw.clone()  # A·v for the current v
 
+    timed_out = False
     while bool(active.any()) and iterations < max_iter:
+        if stop_at is not None and time.perf_counter() >= stop_at:
+            timed_out = True
+            break
         iterations += 1
         # Continue the bidiagonalization: β u = A v − α u, α v = Aᵀ u − β v.
         u = av - alpha[:, None] * u
@@ -129,4 +139,12 @@ def batched_lsqr(
         if trace is not None:
             trace(iterations, phibar.abs(), normal)
 
-    return LSQRResult(x=x, residual=r, iterations=iterations, normal_residual=normal, converged=~active, scale=scale)
+    return LSQRResult(
+        x=x,
+        residual=r,
+        iterations=iterations,
+        normal_residual=normal,
+        converged=~active,
+        scale=scale,
+        timed_out=timed_out,
+    )

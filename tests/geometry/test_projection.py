@@ -234,3 +234,42 @@ def test_batched_lsqr_least_squares():
     expected = torch.linalg.lstsq(a, b.T).solution.T
     torch.testing.assert_close(out.x, expected, atol=1e-10, rtol=0)
     torch.testing.assert_close(out.residual, b - expected @ a.T, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("widths", [(4, 6, 3), (4, 2, 3)])  # m = 15 < P, and m = 15 > P = 14 (rank deficient)
+def test_min_norm_solve_matches_pseudo_inverse(widths):
+    """J⁺r from the dense factorization equals pinv(J)·r by SVD; LSQR's agrees where J is well conditioned."""
+    net, x, _ = make_mlp(3, "tanh", False, widths)
+    op = ConstraintOperator(net, x)
+    jac = reference_jacobian(net, x, op.names)
+    generator = torch.Generator().manual_seed(0)
+    r = torch.randn(2, op.num_constraints, dtype=torch.float64, generator=generator)
+    expected = (torch.linalg.pinv(jac, rtol=max(jac.shape) * torch.finfo(torch.float64).eps) @ r.T).T
+    projector = TangentProjector(op, "dense")
+    dense = projector.min_norm_solve(r)
+    torch.testing.assert_close(dense.solution, expected, rtol=1e-8, atol=1e-10)
+    assert projector.min_norm_solve(r[0]).solution.shape == (op.num_params,)
+    # The projection at the same θ reuses the factorization.
+    cached = projector._dense
+    projector.project(op.parameter_vector())
+    assert projector._dense is cached
+    if widths[1] > 2:
+        iterative = TangentProjector(op, "iterative", tol=1e-12, max_iter=1000).min_norm_solve(r)
+        assert iterative.converged and iterative.iterations > 0
+        torch.testing.assert_close(iterative.solution, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_deadline_stops_the_iterative_solve():
+    """A spent deadline stops LSQR before its first step: not converged, timed out; dense ignores it."""
+    net, x, _ = make_mlp(0, "tanh", True)
+    op = ConstraintOperator(net, x)
+    v = op.parameter_vector()
+    cut = TangentProjector(op, "iterative", tol=1e-12, max_iter=1000).project(v, deadline=0.0)
+    assert (cut.iterations, cut.converged, cut.extras["timed_out"]) == (0, False, True)
+    full = TangentProjector(op, "iterative", tol=1e-12, max_iter=1000).project(v, deadline=60.0)
+    assert full.converged and not full.extras["timed_out"] and full.iterations > 0
+    assert TangentProjector(op, "dense").project(v, deadline=0.0).converged
+    solve = TangentProjector(op, "iterative").min_norm_solve(op.value(), deadline=0.0)
+    assert (solve.iterations, solve.converged, solve.timed_out) == (0, False, True)
+    with pytest.raises(ValueError, match="`deadline`"):
+        TangentProjector(op, "iterative").project(v, deadline=-1.0)
