@@ -279,6 +279,25 @@ def test_tangent_gradient_monitor_time_budget_skips(tiny_trainer, logged_by_step
     assert monitor._spent > 0
 
 
+def test_tangent_gradient_monitor_time_budget_bounds_the_first_solve(tiny_trainer, monkeypatch):
+    """The budget's deadline cuts even the first iterative solve; later ones warm-start from it and improve."""
+    import grok_lightning.callbacks.tangent_gradient_monitor as module
+
+    monkeypatch.setattr(module, "_MIN_ALLOWANCE", 0.0)  # at fit start the allowance is then 0 s
+    model, data = tiny_modular()
+    recorder = Recorder()
+    monitor = TangentGradientMonitor(every_n_steps=1, time_budget=0.5, method="iterative", tol=1e-5, max_iter=300)
+    with pytest.warns(RuntimeWarning, match="deadline") as record:
+        trainer = tiny_trainer([monitor, recorder], max_steps=40, csv_logger=False, limit_val_batches=0)
+        trainer.fit(model, data)
+    assert sum("deadline" in str(w.message) for w in record) == 1
+    measured = [v for v in recorder.values.values() if "grok/tangent/solver_iterations" in v]
+    assert measured[0]["grok/tangent/solver_residual"] > 1e-5  # cut short: the allowance at fit start is ~0 s
+    # Later allowances are positive: solves take steps and continue from the previous solution.
+    assert max(v["grok/tangent/solver_iterations"] for v in measured) > 0
+    assert measured[-1]["grok/tangent/solver_residual"] < measured[0]["grok/tangent/solver_residual"]
+
+
 def test_tangent_gradient_monitor_resumes(tiny_trainer, tmp_path):
     """Snapshots and the last measured step are checkpointed: a resumed run logs what an uninterrupted one does."""
     kwargs = {"every_n_steps": 4, "time_budget": None, "update_window": 3}

@@ -39,7 +39,6 @@ from grok_lightning.geometry import (
     ConstraintOperator,
     Method,
     TangentProjector,
-    batched_lsqr,
     evaluation_scope,
 )
 
@@ -52,6 +51,14 @@ Reduction = Literal["mean", "sum"]
 
 # Strategies that shard or split the parameters: one rank does not hold θ, so it cannot form J.
 _REFUSED_STRATEGIES = ("FSDP", "XLAFSDP", "DeepSpeed", "ModelParallel")
+
+
+# The least time a measurement may take under a time budget: at fit start no training time has elapsed yet.
+_MIN_ALLOWANCE = 1.0
+
+
+def _remaining(stop_at: float | None) -> float | None:
+    return None if stop_at is None else max(stop_at - time.perf_counter(), 0.0)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -195,8 +202,13 @@ class TangentGradientMonitor(Callback):
           through the preconditioner, so d does not describe them (one warning, values still logged).
         - **Cost and the time budget.** Each measurement costs one forward and backward over the constraint
           set for ∇L and one projection of 2 vectors (3 with param groups of different decay): dense, J is
-          materialized; iterative, up to ``max_iter`` LSQR steps of one J·v and one Jᵀ·u each. The budget is
-          enforced from the second measurement on: the first one's cost is unknown until it has run.
+          materialized; iterative, up to ``max_iter`` LSQR steps of one J·v and one Jᵀ·u each. A measuring step
+          is skipped when measuring it at the previous measurement's cost would take the callback over its
+          share. Each iterative solve also gets a deadline: the time that keeps the share within the budget,
+          at least 1 s (at fit start no training time has elapsed); a solve cut there logs its current values
+          (tangent fractions too large, one warning) and the next measurement warm-starts from it. The dense
+          method is a fixed cost, bounded only by skipping. Under DDP the deadline is off (ranks' clocks would
+          stop them at different iterates), and skipping alone bounds the cost.
         - **Memory.** The constraint set is read once per fit and kept on the module's device; the constraint
           operator and its warm starts are kept between measurements; a dense J (at most 256 MB, see ``"auto"``)
           stays cached until the next measurement.
@@ -489,8 +501,20 @@ class TangentGradientMonitor(Callback):
             self._projector = TangentProjector(self._operator, self.method, tol=self.tol, max_iter=self.max_iter)
         return self._operator, self._projector
 
+    def _allowance(self, now: float) -> float | None:
+        # Seconds this measurement may take and keep the callback's share of the wall time within the budget:
+        # spent + t ≤ budget·(elapsed + t), at least _MIN_ALLOWANCE (at fit start nothing has elapsed yet).
+        if self.time_budget is None or self.time_budget >= 1:
+            return None
+        elapsed = now - self._fit_start
+        allowance = (self.time_budget * elapsed - self._spent) / (1.0 - self.time_budget)
+        return max(allowance, _MIN_ALLOWANCE)
+
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         start = time.perf_counter()
+        # Under DDP every rank must stop at the same iterate: no deadline (ranks' clocks differ).
+        allowance = self._allowance(start) if trainer.world_size == 1 else None
+        stop_at = None if allowance is None else start + allowance
         step = trainer.global_step
         self._last_measure_step = step
         with evaluation_scope(pl_module):
@@ -518,7 +542,7 @@ class TangentGradientMonitor(Callback):
             if not uniform:
                 vectors.append(decay)
                 keys.append("decay")
-            result = projector.project(torch.stack(vectors), keys=keys)
+            result = projector.project(torch.stack(vectors), keys=keys, deadline=_remaining(stop_at))
             tangent_theta, tangent_grad = result.tangent[0], result.tangent[1]
             tangent_decay = result.tangent[2] if not uniform else c[0] * tangent_theta
 
@@ -540,8 +564,10 @@ class TangentGradientMonitor(Callback):
                 if denominator > 0:
                     metrics["grok/tangent/update_cos"] = -float(update @ tangent_decay) / denominator
 
-            if self.projected_reference:
-                distance, cosine = self._projected_reference(pl_module, op, theta, loss_grad)
+            if self.projected_reference and _remaining(stop_at) == 0.0:
+                log.debug("TangentGradientMonitor: step %d: no time left for the projected reference", step)
+            elif self.projected_reference:
+                distance, cosine = self._projected_reference(pl_module, op, theta, loss_grad, stop_at)
                 if distance is not None:
                     metrics["grok/tangent/distance_to_manifold"] = distance
                 if cosine is not None:
@@ -552,7 +578,15 @@ class TangentGradientMonitor(Callback):
         metrics["grok/tangent/solver_iterations"] = float(result.iterations)
         self._last_cost = time.perf_counter() - start
         metrics["grok/tangent/seconds"] = self._last_cost
-        if not result.converged:
+        if not result.converged and result.extras.get("timed_out"):
+            self._warn(
+                "timed_out",
+                f"TangentGradientMonitor: the iterative projection stopped at the time budget's deadline after "
+                f"{result.iterations} steps with relative residual {result.relative_residual:.2g} > tol={self.tol:g} "
+                f"(step {step}); values are logged as they are (tangent fractions too large) and the next "
+                "measurement continues from this solution. Raise `time_budget` or `tol` for converged values.",
+            )
+        elif not result.converged:
             self._warn(
                 "not_converged",
                 f"TangentGradientMonitor: the iterative projection stopped at max_iter={self.max_iter} with relative "
@@ -590,7 +624,12 @@ class TangentGradientMonitor(Callback):
         return torch.cat([g.reshape(-1) for g in grads])
 
     def _projected_reference(
-        self, pl_module: pl.LightningModule, op: ConstraintOperator, theta: Tensor, loss_grad: Tensor
+        self,
+        pl_module: pl.LightningModule,
+        op: ConstraintOperator,
+        theta: Tensor,
+        loss_grad: Tensor,
+        stop_at: float | None,
     ) -> tuple[float | None, float | None]:
         if self._reference is None:
             copy = _ParameterCopy(pl_module, op.names, [p.detach() for p in op.params])
@@ -616,7 +655,9 @@ class TangentGradientMonitor(Callback):
         for _ in range(self.reference_steps):
             if best_residual <= floor:
                 break
-            current = current - self._min_norm_solve(reference_op, projector, residual)
+            # δ = J⁺r, the minimum-norm solution of J δ = r (least squares if r ∉ range J); dense: from the
+            # factorization that the projection at θ′ below reuses.
+            current = current - projector.min_norm_solve(residual, deadline=_remaining(stop_at)).solution
             self._load(copy, reference_op, current)
             residual = reference_op.value().double() - targets
             residual_norm = float(residual.norm())  # host sync: the loop decides on it
@@ -642,7 +683,7 @@ class TangentGradientMonitor(Callback):
         grad_norm = float(loss_grad.norm())
         cosine = None
         if grad_norm > 0:
-            tangent = projector.project(loss_grad, keys=["loss_grad"]).tangent
+            tangent = projector.project(loss_grad, keys=["loss_grad"], deadline=_remaining(stop_at)).tangent
             cosine = float(tangent.norm()) / grad_norm
         reference_op.refresh()
         return distance, cosine
@@ -652,14 +693,3 @@ class TangentGradientMonitor(Callback):
         with torch.no_grad():
             for p, value in zip(copy.parameters(), op.unflatten(vector), strict=True):
                 p.copy_(value)
-
-    def _min_norm_solve(self, op: ConstraintOperator, projector: TangentProjector, residual: Tensor) -> Tensor:
-        # δ = J⁺ r, the minimum-norm solution of J δ = r (least squares if r ∉ range J).
-        if projector.resolved_method == "dense":
-            jac = op.jacobian()
-            rtol = max(jac.shape) * torch.finfo(op.dtype).eps  # the projector's rank cut-off
-            if jac.device.type == "cpu":  # SVD-based (gelsd; gelsy fails on J with zero columns, dead units)
-                return torch.linalg.lstsq(jac, residual[:, None], rcond=rtol, driver="gelsd").solution[:, 0]
-            return torch.linalg.pinv(jac, rtol=rtol) @ residual
-        solved = batched_lsqr(op.jvp, op.vjp, residual[None], op.num_params, tol=self.tol, max_iter=self.max_iter)
-        return solved.x[0]
