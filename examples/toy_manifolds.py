@@ -166,8 +166,7 @@ def main() -> None:
     print("1+1=2 from (−1, 1), lr 0.1, weight_decay = 2λ:")
     for run in runs_2d:
         print(
-            f"  λ={run['lambda']:<5} memorized at step {run['memorized_step']} at {_fmt(run['at_memorization'])}, "
-            f"at step 10 {_fmt(run['trajectory'][10])}; "
+            f"  λ={run['lambda']:<5} memorized at step {run['memorized_step']} at {_fmt(run['at_memorization'])}; "
             f"generalized (val/acc ≥ 0.99) at step {run['generalized_step']}; end after {run['steps']} steps "
             f"{_fmt(run['end'])}; regularized fixed point {_fmt(run['fixed_point'])}"
         )
