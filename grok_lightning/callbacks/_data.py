@@ -312,13 +312,17 @@ def squared_norms(groups: list[list[Tensor]], trainer: pl.Trainer) -> Tensor:
     sums are all-reduced.
     """
     device = trainer.strategy.root_device
-    sums = torch.zeros(len(groups), dtype=torch.float64, device=device)
-    for g, params in enumerate(groups):
+    per_group = []
+    for params in groups:
+        squares = []
         for p in params:
             norm = torch.linalg.vector_norm(p.detach(), dtype=torch.float64)
             if hasattr(norm, "full_tensor"):  # DTensor: the norm of the whole tensor, reduced across its mesh
                 norm = norm.full_tensor()
-            sums[g] += norm.to(device).square()
+            squares.append(norm.to(device))
+        # One stack per group, no indexed in-place adds: this runs every step, for models with few tensors.
+        per_group.append(torch.stack(squares).square().sum() if squares else torch.zeros((), dtype=torch.float64))
+    sums = torch.stack(per_group).to(device) if per_group else torch.zeros(0, dtype=torch.float64, device=device)
     if trainer.world_size > 1 and _is_sharded(trainer):
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
     return sums
