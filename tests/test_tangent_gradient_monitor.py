@@ -378,7 +378,7 @@ def test_tangent_gradient_monitor_nan_policy(tiny_trainer):
 
 
 DDP_SCRIPT = """
-import json, sys
+import json, sys, time
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -400,6 +400,12 @@ class Dump(Callback):
         with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
             json.dump(record, f)
 
+class Slow(Callback):
+    # Training time outside the monitor, so that time_budget=1.0 (callback time <= training time) admits each
+    # measuring step: the budget path (rank 0 decides, broadcast) runs without skipping.
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        time.sleep(0.5)
+
 if __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
     data = ModularArithmeticDataModule(p=5, pairs="unordered", train_fraction=0.8, encoding="one_hot_sum",
@@ -410,7 +416,7 @@ if __name__ == "__main__":
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False, limit_val_batches=0,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        callbacks=[monitor, Dump()],
+        callbacks=[monitor, Dump(), Slow()],
     )
     trainer.fit(model, data)
 """
