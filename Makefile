@@ -21,9 +21,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python examples/reproduce.py fit --config $(DEMO_CONFIG)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/reproduce.py fit --config $(DEMO_CONFIG)
 
-# OpenMP threads that spin while they wait slow float64 LAPACK calls ~50x when the 2 cores are shared.
+# OpenMP threads that spin while they wait slow small ops down badly when the cores are shared with other
+# processes (measured: the paper preset's Lightning step took 25 ms instead of 1.9 ms, pinv ~50x slower).
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest $(PYTEST_ARGS)
 
