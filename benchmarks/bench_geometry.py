@@ -7,11 +7,17 @@
     optimizer steps, plain CG on the normal equations J Jᵀ (float32 and float64) for comparison, and LSQR
     with the output-space read-out preconditioner (``ReadoutPreconditioner``), cold and warm.
 
+(c) Fixed cost of the J·v map at a new θ (the transpose of the vjp closure against ``torch.func.linearize``)
+    and the cost per LSQR step on two small problems.
+(d) The probe-subset effect: the tangent fraction ρ on ``probe_size`` subsets against the full constraint set,
+    on the paper preset after 1000 GD steps and on the mod-97 preset (kind "losses") after 1500 AdamW steps.
+
 Times depend on the machine's load (the CPU is shared): the load average is printed next to them, and
 iteration counts are the load-independent part.
 
-Run: ``python benchmarks/bench_geometry.py [--threads N]``. On a shared, oversubscribed CPU (load above the core
-count) torch's intra-op threads wait on each other: one thread was measured 4-5x faster per step than two there.
+Run: ``python benchmarks/bench_geometry.py [--threads N] [--parts a b c d]``. On a shared, oversubscribed CPU (load
+above the core count) torch's intra-op threads wait on each other: one thread was measured 4-5x faster per step than
+two there.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import time
+import warnings
 
 import torch
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, jacrev, linearize
 
 from grok_lightning.geometry import ConstraintOperator, ReadoutPreconditioner, TangentProjector, batched_lsqr
 from grok_lightning.reference import GrokkingModule, ModularArithmeticDataModule
@@ -73,7 +81,7 @@ def bench_dense():
         return TangentProjector(operator, "dense").project(vectors)
 
     naive()
-    ours()  # warm-up (first linearize traces a graph)
+    ours()  # warm-up
     t_naive, expected = best_of(naive)
     t_ours, result = best_of(ours)
     error = ((result.tangent - expected).norm(dim=1) / vectors.norm(dim=1)).max().item()
@@ -264,13 +272,101 @@ def bench_iterative():
         )
 
 
+def tangent_map_costs():
+    """(c) Fixed costs of the J·v map at a new θ, and per LSQR step, on small problems (60 × 160, 770 × 2816)."""
+    for p, hidden, fraction in ((5, 16, 0.8), (11, 128, 70 / 121)):
+        dm = ModularArithmeticDataModule(
+            p=p, pairs="unordered" if p == 5 else "ordered", train_fraction=fraction, encoding="one_hot_sum"
+        )
+        torch.manual_seed(0)
+        net = GrokkingModule(p=p, encoding="one_hot_sum", hidden=hidden, loss="mse").net
+        x = dm.train_inputs
+
+        def first_product(net=net, x=x):
+            op = ConstraintOperator(net, x)
+            op.jvp(op.parameter_vector())
+            return op
+
+        def traced(op):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return linearize(op._function, *[q.detach() for q in op.params])
+
+        op = first_product()
+        t_transpose, _ = best_of(first_product, 5)
+        t_vjp, _ = best_of(lambda net=net, x=x: ConstraintOperator(net, x), 5)
+        t_trace, _ = best_of(lambda op=op: traced(op), 3)
+        projector = TangentProjector(op, "iterative", tol=1e-8, max_iter=500, warm_start=False)
+        result = projector.project(torch.stack([op.parameter_vector(), torch.ones(op.num_params)]))
+        print(
+            f"(c) J is {op.num_constraints} x {op.num_params}: operator (vjp) {t_vjp * 1e3:.1f} ms, operator + "
+            f"first J.v {t_transpose * 1e3:.1f} ms (transpose); torch.func.linearize alone {t_trace * 1e3:.1f} ms; "
+            f"LSQR {result.iterations} steps, {result.seconds * 1e3 / max(result.iterations, 1):.2f} ms/step "
+            f"(2 vectors), {load()}"
+        )
+
+
+def probe_size_effect(seeds: int = 5):
+    """(d) How much a probe subset overestimates the tangent fraction rho, on the reference presets."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _presets import load_preset
+
+    data, model, _ = load_preset("paper_mlp_mse_gd")
+    optimizer = model.configure_optimizers()
+    x, y = data.train_inputs, data.train_targets
+    for _ in range(1000):
+        loss = model.loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == y.argmax(1)).float().mean())
+    print(f"(d) paper_mlp_mse_gd after 1000 GD steps: train loss {loss.item():.2e}, train accuracy {accuracy:.3f}")
+    table(model, x, y, (59, 45, 30, 15, 8), ("outputs", "losses"), seeds, method="dense")
+
+    net, _, dm = trained_mod97()
+    model = GrokkingModule(p=97)
+    model.net = net
+    print("(d) mlp_ce_adamw after 1500 AdamW steps (cached), kind 'losses'")
+    table(model, dm.train_inputs, dm.train_targets, (3764, 2000, 1000, 500, 250), ("losses",), seeds, "auto")
+
+
+def table(model, x, y, sizes, kinds, seeds, method):
+    n = x.shape[0]
+    print(f"    {'kind':<8} {'probe':>6} {'m':>7} {'rho mean':>9} {'min':>9} {'max':>9} {'/ full':>7}  seconds")
+    for kind in kinds:
+        full = None
+        for size in sizes:
+            rhos, start, converged = [], time.perf_counter(), True
+            for seed in range(1 if size >= n else seeds):
+                op = ConstraintOperator(
+                    model, x, kind=kind, targets=y, loss_fn=model.per_sample_loss, probe_size=size, seed=seed
+                )
+                projector = TangentProjector(op, method, tol=1e-6, max_iter=2000, dense_max_bytes=2**29)
+                theta = op.parameter_vector().double()
+                result = projector.project(theta)
+                rhos.append(float(result.tangent.norm() ** 2 / theta.norm() ** 2))
+                converged = converged and result.converged
+            rho = sum(rhos) / len(rhos)
+            full = rho if full is None else full
+            print(
+                f"    {kind:<8} {size:>6} {op.num_constraints:>7} {rho:>9.4f} {min(rhos):>9.4f} {max(rhos):>9.4f} "
+                f"{rho / full:>7.2f}  {time.perf_counter() - start:.1f} ({load()}), {result.method}"
+                f"{'' if converged else ', NOT converged'}",
+                flush=True,
+            )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    torch.set_num_threads(max(1, parser.parse_args().threads))
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, args.threads))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_dense()
-    bench_iterative()
+    parts = {"a": bench_dense, "b": bench_iterative, "c": tangent_map_costs, "d": probe_size_effect}
+    for part in args.parts:
+        parts[part]()
 
 
 if __name__ == "__main__":
