@@ -4,9 +4,11 @@ Every ratio compares runs made in this one process, interleaved (A, B, A, B, ...
 load hits both sides; the best of the repeats is kept for each side. The callback table runs, per preset and
 repeat, one fit without callbacks and one with each callback set at its defaults (TangentGradientMonitor:
 time_budget 0.1, every 100 steps), and counts the tangent monitor's measurements (skipped steps excluded): alone
-it measures from step 0; among "all three" only once the ZeroLossDetector has confirmed memorization. Its own
-accounting (its time over the rest of the fit, the quantity `time_budget` bounds) is printed beside the count: on a
-loaded CPU it is a steadier measure of its cost than the ratio of two best-of-N wall times. Run::
+it measures from step 0; among "all three" only once the ZeroLossDetector has confirmed memorization.
+
+Beside the wall-time ratio, each row prints 1 + (time inside the callbacks' hooks) / (the rest of the same fit),
+timed by wrapping every hook: the cost ratio measured within one fit, which machine noise cannot skew the way
+it skews the ratio of two separate best-of-N wall times of millisecond steps. Run::
 
     python benchmarks/bench_training.py                 # all presets
     python benchmarks/bench_training.py --presets paper_mlp_mse_gd --steps 2000 --repeats 3
@@ -47,14 +49,51 @@ def plain_loop(preset: str, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def lightning_loop(preset: str, steps: int, callbacks: Callable[[], list[pl.Callback]] = list) -> float:
-    """Seconds per step of `Trainer.fit` on the preset (its validation cadence included), with some callbacks."""
+class HookClock:
+    """Times every hook of the callbacks it wraps: their own share of a fit, measured inside that one fit."""
+
+    HOOKS = (*(name for name in dir(pl.Callback) if name.startswith("on_")), "setup", "teardown")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, callback: pl.Callback) -> pl.Callback:
+        """Replace the callback's hooks by timed ones (instance attributes, which Lightning looks up first)."""
+        for name in self.HOOKS:
+            hook = getattr(callback, name)
+
+            def timed(*args: object, _hook: Callable[..., object] = hook, **kwargs: object) -> object:
+                start = time.perf_counter()
+                try:
+                    return _hook(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            setattr(callback, name, timed)
+        return callback
+
+
+def lightning_loop(
+    preset: str,
+    steps: int,
+    callbacks: Callable[[], list[pl.Callback]] = list,
+    own_shares: list[float] | None = None,
+) -> float:
+    """Seconds per step of `Trainer.fit` on the preset (its validation cadence included), with some callbacks.
+
+    With `own_shares`, the callbacks' hooks are timed and their time over the rest of the fit is appended to it.
+    """
     data, model, config = load_preset(preset)
     log_every = config["trainer"].get("log_every_n_steps", 50)
-    trainer = quiet_trainer(steps, callbacks(), log_every_n_steps=log_every)
+    clock = HookClock()
+    chosen = [clock.wrap(c) for c in callbacks()] if own_shares is not None else callbacks()
+    trainer = quiet_trainer(steps, chosen, log_every_n_steps=log_every)
     start = time.perf_counter()
     trainer.fit(model, data)
-    return (time.perf_counter() - start) / steps
+    elapsed = time.perf_counter() - start
+    if own_shares is not None:
+        own_shares.append(clock.seconds / max(elapsed - clock.seconds, 1e-9))
+    return elapsed / steps
 
 
 def best_of(repeats: int, *runs: Callable[[], float]) -> list[float]:
@@ -89,22 +128,23 @@ def main() -> None:
     print()
     print(
         f"{'preset':<22} {'callbacks':<24} {'without ms/step':>15} {'with ms/step':>12} {'ratio (with/without)':>21} "
-        f"{'tangent measurements, own time / rest':>38}"
+        f"{'1 + own/rest (min-max)':>23} {'tangent measurements':>21}"
     )
     for preset, steps, _ in rows:
         monitors: dict[str, list[CountingTangentMonitor]] = {}
+        own: dict[str, list[float]] = {}
         runs = [partial(lightning_loop, preset, steps)]
         for name, make in CALLBACK_SETS:
-            monitors[name] = []
-            runs.append(partial(lightning_loop, preset, steps, partial(counted, make, monitors[name])))
+            monitors[name], own[name] = [], []
+            runs.append(partial(lightning_loop, preset, steps, partial(counted, make, monitors[name]), own[name]))
         without, *withs = best_of(args.repeats, *runs)
         for (name, _), with_ in zip(CALLBACK_SETS, withs, strict=True):
             counts = [m.measurements for m in monitors[name]]
-            shares = [m.overhead for m in monitors[name]]
-            measured = f"{min(counts)}-{max(counts)}, {min(shares):.3f}-{max(shares):.3f}" if counts else "-"
+            measured = f"{min(counts)}-{max(counts)}" if counts else "-"
+            own_ratio = f"{1 + min(own[name]):.3f}-{1 + max(own[name]):.3f}"
             print(
                 f"{preset:<22} {name:<24} {without * 1e3:>15.3f} {with_ * 1e3:>12.3f} {with_ / without:>21.3f} "
-                f"{measured:>38}"
+                f"{own_ratio:>23} {measured:>21}"
             )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
@@ -119,10 +159,6 @@ class CountingTangentMonitor(TangentGradientMonitor):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         self.measurements += 1
         return super()._measure(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The monitor's own accounting: its time over the rest of the fit (what time_budget bounds).
-        self.overhead = self._spent / max(time.perf_counter() - self._fit_start - self._spent, 1e-9)
 
 
 def counted(make: Callable[[], list[pl.Callback]], monitors: list[CountingTangentMonitor]) -> list[pl.Callback]:
