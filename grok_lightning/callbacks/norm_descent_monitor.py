@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
@@ -110,7 +111,7 @@ class NormDescentMonitor(Callback):
         self._published_steps: tuple[int, ...] = ()
         self._warn = Warner()
 
-    @property
+    @cached_property  # read by Lightning at every hook call (profiler names); built once from the arguments
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, window=self.window)
 

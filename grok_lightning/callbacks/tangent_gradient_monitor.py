@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -312,7 +312,7 @@ class TangentGradientMonitor(Callback):
         self._pending: dict[str, float] = {}
         self._warn = Warner()
 
-    @property
+    @cached_property  # read by Lightning at every hook call (profiler names); built once from the arguments
     def state_key(self) -> str:
         return self._generate_state_key(
             every_n_steps=self.every_n_steps,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -177,7 +178,7 @@ class ZeroLossDetector(Callback):
         self._pending: dict[str, float] = {}
         self._warn = Warner()
 
-    @property
+    @cached_property  # read by Lightning at every hook call (profiler names); built once from the arguments
     def state_key(self) -> str:
         return self._generate_state_key(
             every_n_steps=self.every_n_steps,
