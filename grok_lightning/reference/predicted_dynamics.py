@@ -1,21 +1,9 @@
 """The paper's predicted first-layer dynamics (its Eq. 20), simulated directly instead of trained.
 
-Decoupling (paper §5–6): treat the read-out of a two-layer network ``Ŷ = σ(X E) W₂`` as instantly optimal.
-On the zero-loss manifold with weight decay λ, the read-out is then the minimum-norm interpolant
-``W₂ = Hᵀ (H Hᵀ)⁻¹ Y`` with ``H = σ(X E)`` (training rows only), whose squared norm is ``tr(Yᵀ (H Hᵀ)⁻¹ Y)``,
-and the first layer E follows gradient flow on the reduced cost
-
-    R(E) = λ‖E‖² + λ·tr(Yᵀ (H Hᵀ)⁻¹ Y).
-
-Differentiating (with A = (H Hᵀ)⁻¹ and d tr(Yᵀ A Y) = −2 tr(Hᵀ A Y Yᵀ A dH)) gives
-
-    ∇_E (R/λ) = 2E − 2 Xᵀ[(A Y Yᵀ A H) ⊙ σ′(X E)],
-
-so in the rescaled time s = 2λt the flow dE/dt = −∇R is
-
-    dE/ds = −½ ∇_E (R/λ) = Xᵀ[(A Y Yᵀ A H) ⊙ σ′(X E)] − E        (paper Eq. 20)
-
-(the factor ½ is checked against finite differences of R/λ in ``tests/test_predicted_dynamics.py``).
+The first layer E of a two-layer network ``Ŷ = σ(X E) W₂`` follows the flow of the reduced cost
+R/λ = ‖E‖² + tr(Yᵀ(H Hᵀ)⁻¹Y) in rescaled time s = 2λt, with the read-out always the minimum-norm interpolant
+W₂ = Hᵀ(H Hᵀ)⁻¹Y. The math (derivation, conventions) lives in the Lightning-free
+:mod:`grok_lightning.geometry.decoupled`; ``eq20_flow`` and ``reduced_cost`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,79 +15,12 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from grok_lightning.geometry.decoupled import activation_and_slope, eq20_flow, gram_cholesky, reduced_cost
+
 __all__ = ["PredictedDynamicsModule", "eq20_flow", "reduced_cost"]
 
 Init = Literal["std", "variance"]
 FlowActivation = Literal["relu", "quadratic"]
-
-
-def _activation(z: Tensor, activation: str) -> tuple[Tensor, Tensor]:
-    """σ(z) and σ′(z) for the supported nonlinearities."""
-    if activation == "relu":
-        return z.clamp_min(0.0), (z > 0).to(z.dtype)
-    return z * z, 2.0 * z
-
-
-def _cholesky(h: Tensor) -> Tensor:
-    """Cholesky factor of the Gram matrix H Hᵀ (n, n), with a clear error when it is singular."""
-    gram = h @ h.T  # (n, n)
-    factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:  # host sync: a singular Gram matrix must stop the run, not produce NaNs
-        raise RuntimeError(
-            f"PredictedDynamicsModule: the Gram matrix H Hᵀ of the {h.shape[0]} training rows is singular (its "
-            f"leading minor of order {int(info)} is not positive definite), so the minimum-norm read-out "
-            f"Hᵀ(H Hᵀ)⁻¹Y does not exist. The hidden features of the training rows are linearly dependent: too "
-            f"many hidden units are dead or the width ({h.shape[1]}) is too small for the training set."
-        )
-    return factor
-
-
-def reduced_cost(embedding: Tensor, inputs: Tensor, targets: Tensor, activation: str = "relu") -> Tensor:
-    """R/λ = ‖E‖² + tr(Yᵀ (H Hᵀ)⁻¹ Y) with H = σ(X E), a float64 scalar.
-
-    Args:
-        embedding: E, (d_in, width).
-        inputs: X, the training inputs, (n, d_in).
-        targets: Y, the training targets, (n, C).
-        activation: ``"relu"`` or ``"quadratic"``.
-
-    Raises:
-        RuntimeError: If H Hᵀ is singular.
-    """
-    e, x, y = embedding.double(), inputs.double(), targets.double()
-    h, _ = _activation(x @ e, activation)
-    readout_coefficients = torch.cholesky_solve(y, _cholesky(h))  # A Y, (n, C)
-    return e.square().sum() + (y * readout_coefficients).sum()
-
-
-def eq20_flow(
-    embedding: Tensor, inputs: Tensor, targets: Tensor, activation: str = "relu"
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The velocity of paper Eq. 20 at E, with the read-out and the reduced cost at the same E.
-
-    Args:
-        embedding: E, (d_in, width).
-        inputs: X, the training inputs, (n, d_in).
-        targets: Y, the training targets, (n, C).
-        activation: ``"relu"`` or ``"quadratic"``.
-
-    Returns:
-        ``(dE/ds, W₂, R/λ)``: the flow Xᵀ[(A Y Yᵀ A H) ⊙ σ′(X E)] − E, (d_in, width); the minimum-norm
-        read-out Hᵀ A Y, (width, C); and ‖E‖² + tr(Yᵀ A Y), a scalar. All float64, with A = (H Hᵀ)⁻¹ applied
-        through a Cholesky solve, never formed.
-
-    Raises:
-        RuntimeError: If H Hᵀ is singular.
-    """
-    e, x, y = embedding.double(), inputs.double(), targets.double()
-    pre = x @ e  # (n, width)
-    h, slope = _activation(pre, activation)
-    b = torch.cholesky_solve(y, _cholesky(h))  # A Y, (n, C)
-    readout = h.T @ b  # W₂ = Hᵀ A Y, (width, C)
-    pull = b @ readout.T  # A Y Yᵀ A H = (A Y)(Hᵀ A Y)ᵀ, (n, width)
-    flow = x.T @ (pull * slope) - e  # (d_in, width)
-    cost = e.square().sum() + (y * b).sum()
-    return flow, readout, cost
 
 
 class PredictedDynamicsModule(pl.LightningModule):
@@ -132,7 +53,8 @@ class PredictedDynamicsModule(pl.LightningModule):
     Raises:
         ValueError: If an argument is out of range or an unknown choice, naming the argument and its value;
             at the first step, if the batch is not the whole training set or the width is below its size.
-        RuntimeError: At a step, if H Hᵀ is singular.
+        RuntimeError: At a step, if H Hᵀ is singular (a
+            :class:`~grok_lightning.geometry.decoupled.SingularGramError`).
 
     Logged metrics (at the start of each step, i.e. for E after ``trainer.global_step`` Euler steps; on the
     steps the Trainer's loggers write, every ``log_every_n_steps``):
@@ -223,13 +145,13 @@ class PredictedDynamicsModule(pl.LightningModule):
         if self._readout is None or self._readout[0] != version:
             x, y = self._train_set
             with torch.no_grad():
-                h, _ = _activation(x @ self.embedding, self.hparams.activation)
-                self._readout = (version, h.T @ torch.cholesky_solve(y, _cholesky(h)))
+                h, _ = activation_and_slope(x @ self.embedding, self.hparams.activation)
+                self._readout = (version, h.T @ torch.cholesky_solve(y, gram_cholesky(h)))
         return self._readout[1]
 
     def forward(self, x: Tensor) -> Tensor:
         """Outputs σ(x E) W₂, (N, p) float64, for inputs (N, p)."""
-        h, _ = _activation(x.to(torch.float64) @ self.embedding, self.hparams.activation)
+        h, _ = activation_and_slope(x.to(torch.float64) @ self.embedding, self.hparams.activation)
         return h @ self.readout()
 
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -265,7 +187,7 @@ class PredictedDynamicsModule(pl.LightningModule):
             flow, readout, cost = eq20_flow(self.embedding, x, y, self.hparams.activation)
             self._readout = (self.embedding._version, readout)
             if self._is_logging_step():
-                h, _ = _activation(x @ self.embedding, self.hparams.activation)
+                h, _ = activation_and_slope(x @ self.embedding, self.hparams.activation)
                 correct = (h @ readout).argmax(dim=1) == y.argmax(dim=1)
                 self.log("train/acc", correct.double().mean(), prog_bar=True)
                 self.log("grok/eq20/weight_norm_sq", self.embedding.square().sum())
