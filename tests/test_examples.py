@@ -81,3 +81,34 @@ def test_reproduce_eq20_runs_seeds_in_parallel_workers(tmp_path):
         assert run["reduced_cost"]["last"] < run["reduced_cost"]["first"]
     assert set(summary["summary"]) == {"std", "variance"}
     assert (tmp_path / "eq20.png").stat().st_size > 0
+
+
+def test_reproduce_alignment_runs_one_seed_and_writes_its_summary(tmp_path):
+    """`reproduce_alignment.py` on 1 seed and 120 steps writes alignment.json (the schema below) and alignment.png."""
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "reproduce_alignment.py"),
+        "--config",
+        str(ROOT / "examples" / "configs" / "paper_mlp_mse_gd.yaml"),
+        "--seeds=0",
+        "--max-steps=120",
+        "--tangent-every=20",
+        "--workers=1",
+        f"--out={tmp_path}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peak update alignment inside the grokking phase for 0/1 seeds" in result.stdout  # not generalized yet
+    data = json.loads((tmp_path / "alignment.json").read_text())
+    assert {"config", "settings", "summary", "runs"} <= data.keys()
+    assert {"seeds", "peak_in_phase", "peak_steps", "memorized_steps", "generalized_steps", "wall_seconds"} <= set(
+        data["summary"]
+    )
+    (run,) = data["runs"]
+    assert run["seed"] == 0 and run["steps"] == 120 and run["generalized_step"] is None
+    assert run["peak_in_phase"] is None and run["grokking_phase"] is None
+    cosines = run["curves"]["grok/tangent/update_cos"]
+    assert [step for step, _ in cosines] == [20, 40, 60, 80, 100, 120]  # measured from the start, every 20 steps
+    assert (run["peak_step"], run["peak_update_cos"]) == tuple(max(cosines, key=lambda sv: sv[1]))
+    assert all(-1 <= value <= 1 for _, value in run["curves"]["grok/eq20/update_cos"])
+    assert (tmp_path / "alignment.png").stat().st_size > 0
