@@ -18,6 +18,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
@@ -35,6 +36,7 @@ __all__ = [
     "eval_mode",
     "log_now",
     "log_pending",
+    "may_shard_parameters",
     "optimizer_parameters",
     "per_sample_loss",
     "predictions_correct",
@@ -234,13 +236,17 @@ def training_set_is_complete(trainer: pl.Trainer) -> bool:
 
 
 def optimizer_parameters(trainer: pl.Trainer) -> list[Tensor]:
-    """The parameters the optimizers train, each once, in the order the param groups list them."""
+    """The parameters the optimizers train, each once, in the order the param groups list them.
+
+    Frozen parameters (``requires_grad=False``) are left out even when a param group lists them: they get no
+    gradient, so the optimizer neither steps nor decays them.
+    """
     seen: set[int] = set()
     parameters = []
     for optimizer in trainer.optimizers:
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if id(p) not in seen:
+                if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
                     parameters.append(p)
     return parameters
@@ -264,7 +270,8 @@ class DecayGroup:
 
     Attributes:
         name: ``"pg{i}"`` (``"opt{j}/pg{i}"`` with several optimizers), or the group's own ``"name"``.
-        params: The group's parameters (shared ones only in the first group that lists them).
+        params: The group's trained parameters (shared ones only in the first group that lists them; frozen ones,
+            ``requires_grad=False``, left out).
         lr: Learning rate of the group at this step (schedulers write it into the group).
         weight_decay: PyTorch's ``weight_decay`` of the group.
         decay_per_step: ``c`` in the first-order decay displacement ``d = c·θ`` per optimizer step:
@@ -292,7 +299,7 @@ def decay_groups(trainer: pl.Trainer) -> list[DecayGroup]:
     groups = []
     for j, optimizer in enumerate(trainer.optimizers):
         for i, group in enumerate(optimizer.param_groups):
-            params = [p for p in group["params"] if id(p) not in seen]
+            params = [p for p in group["params"] if id(p) not in seen and p.requires_grad]  # frozen: never decayed
             seen.update(id(p) for p in params)
             lr, wd = float(group.get("lr", 0.0)), float(group.get("weight_decay", 0.0))
             coupling = _coupling(optimizer, group)
@@ -334,6 +341,17 @@ def squared_norms(groups: list[list[Tensor]], trainer: pl.Trainer) -> Tensor:
 def _is_sharded(trainer: pl.Trainer) -> bool:
     name = type(trainer.strategy).__name__
     return name.startswith(("FSDP", "DeepSpeed"))
+
+
+def may_shard_parameters(trainer: pl.Trainer) -> bool:
+    """Whether the parameters may be split across ranks, so that reading one whole is a collective.
+
+    True with several ranks under any strategy but plain DDP (FSDP, FSDP2 through ``ModelParallelStrategy``,
+    DeepSpeed, which subclasses DDP): callbacks that read weights there join collectives at each measurement.
+    """
+    if trainer.world_size <= 1:
+        return False
+    return _is_sharded(trainer) or not isinstance(trainer.strategy, DDPStrategy)
 
 
 class Warner:
