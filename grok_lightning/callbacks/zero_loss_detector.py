@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from grok_lightning.callbacks._base import DiagnosticCallback, NanPolicy
 from grok_lightning.callbacks._data import (
     LossFn,
     UnpackBatch,
-    Warner,
     default_unpack_batch,
     eval_mode,
     per_sample_loss,
@@ -26,29 +26,20 @@ from grok_lightning.callbacks._data import (
     to_device,
     training_batches,
 )
+from grok_lightning.callbacks._validation import (
+    bad_argument,
+    check_callable,
+    check_non_empty_str,
+    check_number,
+    check_positive_int,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ZeroLossDetector", "find_zero_loss_detector"]
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
-
-
-def _optional_number(name: str, value: Any, low: float, high: float | None) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bounds = f"in [{low}, {high}]" if high is not None else f"at least {low}"
-        raise ValueError(f"Expected argument `{name}` to be a number {bounds} or None, but got {value!r}.")
-
-
-class ZeroLossDetector(Callback):
+class ZeroLossDetector(DiagnosticCallback):
     """Detect when training reaches the zero-loss regime (memorization) and when validation follows (grokking).
 
     Every ``every_n_steps`` optimizer steps, and once when training starts, the model is evaluated on the whole
@@ -79,10 +70,17 @@ class ZeroLossDetector(Callback):
             ``per_sample_loss`` when it has one, else cross-entropy for integer class targets and squared error
             summed over outputs for float targets.
         batch_size: Samples per forward pass when evaluating from the DataModule's training tensors.
+        nan_policy: What to do when the full training loss is not finite: ``"warn"`` (once) and skip that check
+            (it does not count towards ``patience``: the streak restarts), or ``"error"`` (raise).
+        strict: Raise an exception of the detector's own evaluation (e.g. from ``loss_fn`` or ``unpack_batch``)
+            instead of warning once and disabling the detector for the rest of the run.
 
     Raises:
         ValueError: If an argument is out of range, naming it and its value.
-        MisconfigurationException: When fitting starts, if the training set is empty or cannot be read.
+        MisconfigurationException: When fitting starts, if the training set is empty or cannot be read, or if
+            ``loss_fn`` does not return one loss per sample.
+        RuntimeError: ``NonFiniteError``, with ``nan_policy="error"``, at a check whose full training loss is
+            NaN or infinite.
 
     Logged metrics (at every check, under the check's ``trainer.global_step``; also in
     ``trainer.callback_metrics`` for ``EarlyStopping`` and ``ModelCheckpoint``):
@@ -110,6 +108,17 @@ class ZeroLossDetector(Callback):
           is false, so ``stopping_threshold=1.0`` never fires) and its default ``patience=3`` would stop a run
           whose ``grok/generalized`` stays at 0 for three checks.
         - Other callbacks ask :func:`find_zero_loss_detector` for the detector and read :attr:`memorized`.
+        - **Faults.** An exception inside a check (other than a configuration error) is reported once, as a
+          ``RuntimeWarning`` with its type and message, and disables the detector for the rest of the fit
+          (``disabled`` is True; events found so far stay recorded); training goes on. Under DDP the decision is
+          collective: the failure flag travels in the check's one all-reduce, so every rank disables the detector
+          at the same check and none waits in a collective another skipped. A disabled detector counts as absent
+          for ``TangentGradientMonitor(only_when_memorized=True)``.
+        - Works with gradient accumulation, several param groups, schedulers, ``precision="bf16-mixed"`` (the
+          evaluation runs in the Trainer's precision context, so the loss has bf16 rounding), manual
+          optimization, frozen sub-modules and ``torch.compile`` (the no-grad evaluation compiles one more graph
+          of ``forward``, once). With ``limit_train_batches`` or minibatches it still evaluates the whole training
+          set. See ``docs/limitations.md``.
 
     Example:
         >>> from lightning.pytorch.callbacks import EarlyStopping
@@ -131,25 +140,23 @@ class ZeroLossDetector(Callback):
         unpack_batch: UnpackBatch | None = None,
         loss_fn: LossFn | None = None,
         batch_size: int = 4096,
+        nan_policy: NanPolicy = "warn",
+        strict: bool = False,
     ) -> None:
-        super().__init__()
-        _positive_int("every_n_steps", every_n_steps)
-        _optional_number("acc_threshold", acc_threshold, 0.0, 1.0)
-        _optional_number("loss_threshold", loss_threshold, 0.0, None)
+        super().__init__(nan_policy=nan_policy, strict=strict)
+        check_positive_int("every_n_steps", every_n_steps)
+        check_number("acc_threshold", acc_threshold, 0.0, 1.0, optional=True)
+        check_number("loss_threshold", loss_threshold, 0.0, optional=True)
         if acc_threshold is None and loss_threshold is None:
-            raise ValueError(
-                "Expected argument `acc_threshold` to be a number when `loss_threshold` is None (memorization "
-                "needs a criterion), but got None."
+            bad_argument(
+                "acc_threshold", "a number when `loss_threshold` is None (memorization needs a criterion)", None
             )
-        _positive_int("patience", patience)
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"Expected argument `monitor` to be a non-empty metric key, but got {monitor!r}.")
-        if isinstance(val_threshold, bool) or not isinstance(val_threshold, (int, float)):
-            raise ValueError(f"Expected argument `val_threshold` to be a number, but got {val_threshold!r}.")
-        for name, fn in (("unpack_batch", unpack_batch), ("loss_fn", loss_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"Expected argument `{name}` to be callable or None, but got {fn!r}.")
-        _positive_int("batch_size", batch_size)
+        check_positive_int("patience", patience)
+        check_non_empty_str("monitor", monitor)
+        check_number("val_threshold", val_threshold)
+        check_callable("unpack_batch", unpack_batch)
+        check_callable("loss_fn", loss_fn)
+        check_positive_int("batch_size", batch_size)
 
         self.every_n_steps = every_n_steps
         self.acc_threshold = acc_threshold
@@ -176,7 +183,6 @@ class ZeroLossDetector(Callback):
         self._val_runs_seen = 0
         self._monitor_seen = False
         self._pending: dict[str, float] = {}
-        self._warn = Warner()
 
     @cached_property  # read by Lightning at every hook call (profiler names); built once from the arguments
     def state_key(self) -> str:
@@ -238,6 +244,10 @@ class ZeroLossDetector(Callback):
             self._warn_missing_monitor(trainer)
 
     @override
+    def _collective(self, trainer: pl.Trainer) -> bool:
+        return trainer.world_size > 1  # every check all-reduces its sums
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "memorized_step": self.memorized_step,
@@ -268,7 +278,15 @@ class ZeroLossDetector(Callback):
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         step = trainer.global_step
         self._last_check_step = step
-        loss, acc = self._evaluate(trainer, pl_module)
+        new_validation = self._val_runs > self._val_runs_seen
+        evaluation = self._evaluate(trainer, pl_module, new_validation)
+        if evaluation is None:  # failed on some rank: the detector is now disabled on every rank
+            return {}
+        loss, acc, value = evaluation
+        if not math.isfinite(loss):
+            self._memorize_streak, self.at_zero_loss = 0, False  # a check that saw NaN never qualifies
+            self._non_finite(trainer, f"the full training loss ({loss})")
+            return {}
         self.train_loss, self.train_acc = loss, acc
 
         # Memorization: both criteria at `patience` consecutive checks.
@@ -293,9 +311,12 @@ class ZeroLossDetector(Callback):
             self._announce(trainer, f"memorized at step {self.memorized_step} (train loss {loss:.3g})", step)
 
         # Generalization: each validation run counts once.
-        if self._val_runs > self._val_runs_seen:
+        if new_validation:
             self._val_runs_seen = self._val_runs
-            value = self._monitor_value(trainer)
+            if value is None:
+                self._warn_missing_monitor(trainer)
+            else:
+                self._monitor_seen = True
             if value is not None and value >= self.val_threshold:
                 self._generalize_streak += 1
                 if self._generalize_streak == 1:
@@ -323,10 +344,42 @@ class ZeroLossDetector(Callback):
             logger.log_metrics(metrics, step=step)
         return metrics
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float | None]:
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, read_monitor: bool
+    ) -> tuple[float, float | None, float | None] | None:
+        # (mean loss, accuracy, rank 0's validation metric), or None if the evaluation failed on some rank.
+        device = pl_module.device
+        # Loss sum, correct, classified, samples; ranks that failed; rank 0's validation metric and whether it has one.
+        totals = torch.zeros(7, dtype=torch.float64, device=device)
+        with self._guard(trainer, "the evaluation of the training set"):  # a failure here still reaches the reduce
+            if self._failure is None:
+                self._accumulate(trainer, pl_module, totals)
+                if read_monitor and trainer.is_global_zero:
+                    value = trainer.callback_metrics.get(self.monitor)
+                    if value is not None:
+                        totals[5], totals[6] = float(value), 1.0  # host sync, once per validation run
+        if self.disabled:  # single process: the guard has reported the failure and disabled the detector
+            return None
+        totals[4] = float(self._failure is not None)
+
+        # One all-reduce per check carries the sums, the failure flag and rank 0's reading of the validation metric
+        # (ranks may log unsynced values: rank 0 decides for all).
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        loss_sum, correct, classified, samples, failed, value, has_value = totals.tolist()  # host sync: decisions
+        if failed:
+            self._disable_everywhere(trainer)
+            return None
+        if samples == 0:
+            raise MisconfigurationException(
+                "ZeroLossDetector found no training samples: give the DataModule `train_inputs` and "
+                "`train_targets`, or a non-empty training dataloader."
+            )
+        return loss_sum / samples, (correct / classified if classified else None), (value if has_value else None)
+
+    def _accumulate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, totals: Tensor) -> None:
+        # This rank's share of the training set into totals[0:4], in eval mode, without gradients.
         device = pl_module.device
         precision = trainer.precision_plugin
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, classified, samples
         with preserved_rng(device), eval_mode(pl_module), torch.no_grad():
             for inputs, targets in training_batches(trainer, self.batch_size, self.unpack_batch):
                 inputs, targets = to_device((inputs, targets), device)
@@ -339,14 +392,6 @@ class ZeroLossDetector(Callback):
                 if correct is not None:
                     totals[1] += correct.sum()
                     totals[2] += correct.shape[0]
-        totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        loss_sum, correct, classified, samples = totals.tolist()  # host sync: the decision needs the numbers
-        if samples == 0:
-            raise MisconfigurationException(
-                "ZeroLossDetector found no training samples: give the DataModule `train_inputs` and "
-                "`train_targets`, or a non-empty training dataloader."
-            )
-        return loss_sum / samples, (correct / classified if classified else None)
 
     def _losses(self, pl_module: pl.LightningModule, outputs: Tensor, targets: Tensor) -> Tensor:
         losses = (
@@ -358,17 +403,6 @@ class ZeroLossDetector(Callback):
                 f"function returned shape {tuple(losses.shape)}."
             )
         return losses
-
-    def _monitor_value(self, trainer: pl.Trainer) -> float | None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is not None:
-            value = float(value)  # host sync, once per validation run
-        value = trainer.strategy.broadcast(value, src=0)  # rank 0 decides for all: ranks may log unsynced values
-        if value is None:
-            self._warn_missing_monitor(trainer)
-        else:
-            self._monitor_seen = True
-        return value
 
     def _warn_missing_monitor(self, trainer: pl.Trainer) -> None:
         available = sorted(k for k in trainer.callback_metrics if not k.startswith("grok/"))
