@@ -8,18 +8,19 @@ from functools import cached_property
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from grok_lightning.callbacks._base import DiagnosticCallback, NanPolicy
 from grok_lightning.callbacks._data import (
-    Warner,
     decay_groups,
     is_publishing_step,
+    may_shard_parameters,
     optimizer_parameters,
     squared_norms,
 )
+from grok_lightning.callbacks._validation import check_flag, check_positive_int
 
 __all__ = ["NormDescentMonitor"]
 
@@ -32,24 +33,30 @@ class _Sample(NamedTuple):
     group_unconstrained: list[float]  # 2·c_g·‖θ_g‖² per param group
 
 
-class NormDescentMonitor(Callback):
+class NormDescentMonitor(DiagnosticCallback):
     """Measure the descent of the squared weight norm ‖θ‖² and compare it with what weight decay alone would do.
 
-    θ is every parameter the optimizers hold. Once the model sits on the zero-loss manifold, the loss gradient
-    has no component along it and weight decay is the only force left: the norm shrinks at the rate
-    ``2·Σ_g c_g·⟨θ_g, P_T θ_g⟩`` with ``c_g`` the decay per step of param group ``g`` (``lr·wd``). Unconstrained,
-    with the whole of θ free to shrink, it would shrink at ``2·Σ_g c_g·‖θ_g‖²``. Their ratio estimates, without
-    a Jacobian, the share of the weight that the manifold lets weight decay remove.
+    θ is every parameter the optimizers train (frozen ones, ``requires_grad=False``, are left out). Once the model
+    sits on the zero-loss manifold, the loss gradient has no component along it and weight decay is the only force
+    left: the norm shrinks at the rate ``2·Σ_g c_g·⟨θ_g, P_T θ_g⟩`` with ``c_g`` the decay per step of param group
+    ``g`` (``lr·wd``). Unconstrained, with the whole of θ free to shrink, it would shrink at ``2·Σ_g c_g·‖θ_g‖²``.
+    Their ratio estimates, without a Jacobian, the share of the weight that the manifold lets weight decay remove.
 
     Args:
         every_n_steps: Measure every this many optimizer steps (``trainer.global_step``).
         window: Steps over which the descent rate is measured: the rate at step t compares ‖θ‖² with the latest
             measurement at or before step ``t − window``.
         log_param_groups: Also log the norm, unconstrained rate and measured rate of each param group.
+        nan_policy: What to do when ‖θ‖ is not finite at a measurement: ``"warn"`` (once) and skip it (the rates
+            then span the last finite measurements), or ``"error"`` (raise).
+        strict: Raise an exception of the monitor's own measurement instead of warning once and disabling the
+            monitor for the rest of the run.
 
     Raises:
-        ValueError: If an argument is not a positive integer (or a bool, for ``log_param_groups``).
-        MisconfigurationException: When fitting starts, if no optimizer holds parameters.
+        ValueError: If an argument is not a positive integer (or a bool, for ``log_param_groups`` and ``strict``,
+            or not a known ``nan_policy``), naming it and its value.
+        MisconfigurationException: When fitting starts, if no optimizer holds trained parameters.
+        RuntimeError: ``NonFiniteError``, with ``nan_policy="error"``, at a measurement where ‖θ‖ is not finite.
 
     Logged metrics (measured every ``every_n_steps`` optimizer steps; the latest measurement is published, under
     the ``trainer.global_step`` it was taken at, to the loggers and ``trainer.callback_metrics`` at the start of
@@ -83,6 +90,14 @@ class NormDescentMonitor(Callback):
         - Parameters sharded across ranks (FSDP, DeepSpeed, DTensor) are reduced across ranks, so every rank
           logs the norm of the whole model.
         - One host sync per measurement.
+        - **Faults.** An exception inside a measurement (other than a configuration error) is reported once, as a
+          ``RuntimeWarning`` with its type and message, and disables the monitor for the rest of the fit; training
+          goes on. It has no collective under DDP, so a failure disables it on the failing rank alone; under a
+          strategy that shards the parameters (FSDP, FSDP2, DeepSpeed), whose norms are all-reduced, the ranks
+          agree on disabling it at its next measuring step (one extra all-reduce of a flag per measurement).
+        - Works with gradient accumulation (one measurement per optimizer step), several param groups, schedulers,
+          ``precision="bf16-mixed"``, manual optimization, frozen sub-modules (left out of θ), ``torch.compile``,
+          ``limit_train_batches`` and minibatches. See ``docs/limitations.md``.
 
     Example:
         >>> monitor = NormDescentMonitor(every_n_steps=1, window=10)
@@ -95,13 +110,18 @@ class NormDescentMonitor(Callback):
         r"grok/.*predicted",
     )
 
-    def __init__(self, every_n_steps: int = 1, window: int = 10, log_param_groups: bool = False) -> None:
-        super().__init__()
-        for name, value in (("every_n_steps", every_n_steps), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
-        if not isinstance(log_param_groups, bool):
-            raise ValueError(f"Expected argument `log_param_groups` to be a bool, but got {log_param_groups!r}.")
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        window: int = 10,
+        log_param_groups: bool = False,
+        nan_policy: NanPolicy = "warn",
+        strict: bool = False,
+    ) -> None:
+        super().__init__(nan_policy=nan_policy, strict=strict)
+        check_positive_int("every_n_steps", every_n_steps)
+        check_positive_int("window", window)
+        check_flag("log_param_groups", log_param_groups)
         self.every_n_steps = every_n_steps
         self.window = window
         self.log_param_groups = log_param_groups
@@ -109,7 +129,6 @@ class NormDescentMonitor(Callback):
         self._pending: dict[str, float] = {}  # the latest measurement, not yet published
         self._pending_step = -1
         self._published_steps: tuple[int, ...] = ()
-        self._warn = Warner()
 
     @cached_property  # read by Lightning at every hook call (profiler names); built once from the arguments
     def state_key(self) -> str:
@@ -120,17 +139,18 @@ class NormDescentMonitor(Callback):
         if not optimizer_parameters(trainer):
             raise MisconfigurationException(
                 "NormDescentMonitor needs an optimizer to know which parameters are trained, but the trainer's "
-                f"optimizers {[type(o).__name__ for o in trainer.optimizers]} hold no parameters. Return one from "
-                "`configure_optimizers`."
+                f"optimizers {[type(o).__name__ for o in trainer.optimizers]} hold no trained parameters (with "
+                "requires_grad=True). Return one from `configure_optimizers`."
             )
         self._check_optimizers(trainer)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 layout = {"grok": {"norm descent rate": ["Multiline", list(self.RATE_CHART_TAGS)]}}
                 logger.experiment.add_custom_scalars(layout)
-        if not self._history or self._history[-1].step != trainer.global_step:
-            self._pending = self._measure(trainer)
-            self._publish(trainer, None)
+        if (not self._history or self._history[-1].step != trainer.global_step) and self._agree(trainer):
+            self._measure_into_pending(trainer)
+            if self._pending:
+                self._publish(trainer, None)
 
     @override
     def on_train_batch_end(
@@ -138,7 +158,9 @@ class NormDescentMonitor(Callback):
     ) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 and (not self._history or self._history[-1].step != step):
-            self._pending = self._measure(trainer)
+            if not self._agree(trainer):  # a sync point under sharding strategies
+                return
+            self._measure_into_pending(trainer)
         if self._pending and is_publishing_step(trainer):
             self._publish(trainer, pl_module)
 
@@ -154,6 +176,15 @@ class NormDescentMonitor(Callback):
         for key, value in self._pending.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
         self._pending = {}
+
+    @override
+    def _collective(self, trainer: pl.Trainer) -> bool:
+        return may_shard_parameters(trainer)  # sharded norms are all-reduced
+
+    def _measure_into_pending(self, trainer: pl.Trainer) -> None:
+        metrics = self._measure(trainer)
+        if metrics is not None:  # None: not finite, skipped; an earlier unpublished measurement stays pending
+            self._pending = metrics
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -190,10 +221,13 @@ class NormDescentMonitor(Callback):
                 "`grok/effective_tangent_fraction` is not.",
             )
 
-    def _measure(self, trainer: pl.Trainer) -> dict[str, float]:
+    def _measure(self, trainer: pl.Trainer) -> dict[str, float] | None:
         step = trainer.global_step
         groups = decay_groups(trainer)
         squares = squared_norms([g.params for g in groups], trainer).tolist()  # host sync: values to log
+        if not math.isfinite(sum(squares)):
+            self._non_finite(trainer, "the weight norm ‖θ‖")
+            return None
         group_unconstrained = [2.0 * g.decay_per_step * s for g, s in zip(groups, squares, strict=True)]
         sample = _Sample(step, sum(squares), squares, sum(group_unconstrained), group_unconstrained)
 
