@@ -10,16 +10,15 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.func import functional_call
 from typing_extensions import override
 
+from grok_lightning.callbacks._base import DiagnosticCallback, NanPolicy
 from grok_lightning.callbacks._data import (
     LossFn,
     UnpackBatch,
-    Warner,
     decay_groups,
     default_unpack_batch,
     log_now,
@@ -30,6 +29,14 @@ from grok_lightning.callbacks._data import (
     to_device,
     training_batches,
     training_set_is_complete,
+)
+from grok_lightning.callbacks._validation import (
+    check_callable,
+    check_choice,
+    check_flag,
+    check_integer,
+    check_number,
+    check_positive_int,
 )
 from grok_lightning.callbacks.zero_loss_detector import find_zero_loss_detector
 from grok_lightning.geometry import (
@@ -46,7 +53,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TangentGradientMonitor"]
 
-NanPolicy = Literal["warn", "error"]
 Reduction = Literal["mean", "sum"]
 
 # Strategies that shard or split the parameters: one rank does not hold θ, so it cannot form J.
@@ -59,21 +65,6 @@ _MIN_ALLOWANCE = 1.0
 
 def _remaining(stop_at: float | None) -> float | None:
     return None if stop_at is None else max(stop_at - time.perf_counter(), 0.0)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
-
-
-def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Expected argument `{name}` to be one of {choices}, but got {value!r}.")
-
-
-def _flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Expected argument `{name}` to be a bool, but got {value!r}.")
 
 
 class _ParameterCopy(nn.Module):
@@ -96,7 +87,7 @@ class _ParameterCopy(nn.Module):
         return functional_call(self.target, state, inputs)  # type: ignore[attr-defined]
 
 
-class TangentGradientMonitor(Callback):
+class TangentGradientMonitor(DiagnosticCallback):
     r"""Decompose the weight and the gradient into their parts tangent and normal to the zero-loss manifold.
 
     At a measuring step the constraint set is the training set (or a fixed ``probe_size`` subset of it), with
@@ -118,7 +109,8 @@ class TangentGradientMonitor(Callback):
             ``None`` measures every time, without deadlines.
         only_when_memorized: With a :class:`~grok_lightning.ZeroLossDetector` among the callbacks, measure only
             once it has confirmed memorization (the zero-loss regime, where the theory applies). Without a
-            detector it has no effect: the monitor measures from the start.
+            detector, or with one that has disabled itself after a failure, it has no effect: the monitor measures
+            from the start.
         update_window: k of ``grok/tangent/update_cos``: the update θ_t − θ_{t−k} is compared with the
             tangent decay direction at t. θ_{t−k} is copied at step t − k only for the coming measuring step
             (⌈k / every_n_steps⌉ copies of θ at most).
@@ -143,13 +135,17 @@ class TangentGradientMonitor(Callback):
             (the paper's). It sets the scale of ∇L against the decay gradient, hence ``grad_fraction``.
         nan_policy: What to do when θ or ∇L is not finite: ``"warn"`` (once) and skip the measurement, or
             ``"error"`` (raise ``RuntimeError``).
+        strict: Raise an exception of the monitor's own measurement (e.g. from ``loss_fn``, ``unpack_batch`` or a
+            solver) instead of warning once and disabling the monitor for the rest of the run.
 
     Raises:
         ValueError: If an argument is out of range or an unknown choice, naming it and its value.
         MisconfigurationException: When fitting starts, under a strategy that shards or splits the parameters
-            (FSDP, DeepSpeed, model parallel), if no optimizer holds parameters, if the training set is empty,
-            or if ``projected_reference=True`` and the loss has no zero at finite outputs.
-        RuntimeError: With ``nan_policy="error"``, at a measuring step where θ or ∇L is not finite.
+            (FSDP, DeepSpeed, model parallel), if no optimizer holds parameters, if the trained parameters are
+            not float32 or float64 (``precision="bf16-true"``, ``"16-true"``), if the training set is empty, or if
+            ``projected_reference=True`` and the loss has no zero at finite outputs.
+        RuntimeError: ``NonFiniteError``, with ``nan_policy="error"``, at a measuring step where θ or ∇L is not
+            finite.
 
     Logged metrics (at each measuring step, under its ``trainer.global_step``, on every logger and in
     ``trainer.callback_metrics``; rates per optimizer step and positive when the norm shrinks):
@@ -221,6 +217,19 @@ class TangentGradientMonitor(Callback):
           rank 0's share is broadcast as the constraint set (a warning says so). FSDP, DeepSpeed and
           model-parallel strategies are refused at fit start; :class:`~grok_lightning.NormDescentMonitor`
           works there.
+        - **Faults.** An exception inside a measurement (other than a configuration error) is reported once, as a
+          ``RuntimeWarning`` with its type and message, and disables the monitor for the rest of the fit; training
+          goes on. Under DDP the ranks agree on it at each measuring step (one all-reduce of a flag, before the
+          time-budget broadcast), so a failure on one rank disables the monitor on every rank at the next
+          measuring step and no rank is left waiting in a broadcast.
+        - **Training setups.** Works with gradient accumulation (one measurement per optimizer step), several
+          param groups and schedulers (lr and wd read at each measurement), manual optimization,
+          ``torch.compile`` and minibatch training (the constraint set is always the whole training set, also
+          under ``limit_train_batches``). Frozen parameters (``requires_grad=False``) are not part of θ: J, P_T
+          and the decay are taken over the trained parameters only; the trained set is read once per fit.
+          ``precision="bf16-mixed"``: the measurement runs in the parameters' float32, without autocast, so it
+          describes the float32 model the bf16 forward approximates; ``"bf16-true"``/``"16-true"`` (half
+          parameters) are refused at fit start. See ``docs/limitations.md``.
         - Evaluation is in eval mode (no dropout, no BatchNorm statistics updates), without mixed-precision
           autocast, with the global random states restored: training with and without the callback gives the
           same weights bit for bit.
@@ -251,33 +260,24 @@ class TangentGradientMonitor(Callback):
         loss_fn: LossFn | None = None,
         loss_reduction: Reduction = "mean",
         nan_policy: NanPolicy = "warn",
+        strict: bool = False,
     ) -> None:
-        super().__init__()
-        _positive_int("every_n_steps", every_n_steps)
-        if time_budget is not None and (
-            isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not 0 < time_budget <= 1
-        ):
-            raise ValueError(
-                f"Expected argument `time_budget` to be a number in (0, 1] or None, but got {time_budget!r}."
-            )
-        _flag("only_when_memorized", only_when_memorized)
-        _positive_int("update_window", update_window)
-        _flag("projected_reference", projected_reference)
-        _positive_int("reference_steps", reference_steps)
-        _choice("constraint", constraint, CONSTRAINT_KINDS)
-        _choice("method", method, METHODS)
-        if probe_size is not None:
-            _positive_int("probe_size", probe_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Expected argument `seed` to be an integer, but got {seed!r}.")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise ValueError(f"Expected argument `tol` to be a number in (0, 1), but got {tol!r}.")
-        _positive_int("max_iter", max_iter)
-        for name, fn in (("unpack_batch", unpack_batch), ("loss_fn", loss_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"Expected argument `{name}` to be callable or None, but got {fn!r}.")
-        _choice("loss_reduction", loss_reduction, ("mean", "sum"))
-        _choice("nan_policy", nan_policy, ("warn", "error"))
+        super().__init__(nan_policy=nan_policy, strict=strict)
+        check_positive_int("every_n_steps", every_n_steps)
+        check_number("time_budget", time_budget, 0.0, 1.0, low_open=True, optional=True)
+        check_flag("only_when_memorized", only_when_memorized)
+        check_positive_int("update_window", update_window)
+        check_flag("projected_reference", projected_reference)
+        check_positive_int("reference_steps", reference_steps)
+        check_choice("constraint", constraint, CONSTRAINT_KINDS)
+        check_choice("method", method, METHODS)
+        check_positive_int("probe_size", probe_size, optional=True)
+        check_integer("seed", seed)
+        check_number("tol", tol, 0.0, 1.0, low_open=True, high_open=True)
+        check_positive_int("max_iter", max_iter)
+        check_callable("unpack_batch", unpack_batch)
+        check_callable("loss_fn", loss_fn)
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
 
         self.every_n_steps = every_n_steps
         self.time_budget = None if time_budget is None else float(time_budget)
@@ -294,7 +294,6 @@ class TangentGradientMonitor(Callback):
         self.unpack_batch = unpack_batch or default_unpack_batch
         self.loss_fn = loss_fn
         self.loss_reduction = loss_reduction
-        self.nan_policy = nan_policy
 
         # Resumable state: the last measured step and the copies of θ waiting for their measuring step.
         self._last_measure_step = -1
@@ -310,7 +309,6 @@ class TangentGradientMonitor(Callback):
         self._spent = 0.0
         self._last_cost: float | None = None
         self._pending: dict[str, float] = {}
-        self._warn = Warner()
 
     @cached_property  # read by Lightning at every hook call (profiler names); built once from the arguments
     def state_key(self) -> str:
@@ -345,8 +343,16 @@ class TangentGradientMonitor(Callback):
                 f"trainer's optimizers {[type(o).__name__ for o in trainer.optimizers]} hold no parameters. "
                 "Return one from `configure_optimizers`."
             )
+        low = sorted({str(p.dtype) for p in optimizer_parameters(trainer)} - {"torch.float32", "torch.float64"})
+        if low:
+            raise MisconfigurationException(
+                f"TangentGradientMonitor needs float32 or float64 parameters to form J and project onto its null "
+                f"space, but the trained parameters are {', '.join(low)} (precision={trainer.precision!r}). Train "
+                "with a '-mixed' precision, which keeps float32 parameters, or leave this monitor out."
+            )
         self._check_optimizers(trainer)
-        self._read_constraint_set(trainer, pl_module)
+        if not self._read_constraint_set(trainer, pl_module):
+            return  # failed on some rank: disabled on every rank
         # Lightning allows no step-level `self.log` here: loggers get the values now, callback_metrics at the
         # first batch end.
         self._step(trainer, pl_module)
@@ -362,6 +368,10 @@ class TangentGradientMonitor(Callback):
             log_pending(pl_module, self._pending)
             self._pending = {}
         self._spent += time.perf_counter() - start
+
+    @override
+    def _collective(self, trainer: pl.Trainer) -> bool:
+        return trainer.world_size > 1  # the constraint set and the time budget are broadcast from rank 0
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -386,6 +396,8 @@ class TangentGradientMonitor(Callback):
 
         if step % self.every_n_steps != 0 or step == self._last_measure_step:
             return
+        if not self._agree(trainer):  # the sync point: every rank reaches it at the same steps
+            return
         if self._may_measure(trainer):
             self._pending = self._measure(trainer, pl_module)
             if self._pending:
@@ -395,8 +407,8 @@ class TangentGradientMonitor(Callback):
     def _may_measure(self, trainer: pl.Trainer) -> bool:
         if self.only_when_memorized:
             detector = find_zero_loss_detector(trainer)
-            if detector is not None and not detector.memorized:
-                return False  # the same on every rank: the detector all-reduces its evaluation
+            if detector is not None and not detector.disabled and not detector.memorized:
+                return False  # the same on every rank: the detector all-reduces its evaluation, disables collectively
         if self.time_budget is None:
             return True
         allowed = True
@@ -433,12 +445,13 @@ class TangentGradientMonitor(Callback):
     def _loss(self, pl_module: pl.LightningModule) -> Callable[[Tensor, Tensor], Tensor]:
         return self.loss_fn if self.loss_fn is not None else partial(per_sample_loss, pl_module)
 
-    def _read_constraint_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _read_constraint_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        # False when reading failed on some rank (the monitor is then disabled on every rank).
         device = pl_module.device
         complete = training_set_is_complete(trainer)
         inputs: list[Any] = []
         targets: list[Tensor] = []
-        with preserved_rng(device):
+        with self._guard(trainer, "reading the training set"), preserved_rng(device):  # failing, still broadcast
             for x, y in training_batches(trainer, 1 << 30, self.unpack_batch, shard=False):
                 inputs.append(x)
                 targets.append(y)
@@ -449,7 +462,11 @@ class TangentGradientMonitor(Callback):
                 "0's share, broadcast to every rank. Give the DataModule `train_inputs` and `train_targets` (or use "
                 "a map-style dataset) to measure on the whole training set.",
             )
-            inputs, targets = trainer.strategy.broadcast((inputs, targets), src=0)
+            shared = trainer.strategy.broadcast(None if self._failure else (inputs, targets), src=0)
+            if shared is not None:  # None: rank 0 failed to read it, and the agreement below disables the monitor
+                inputs, targets = shared
+        if not self._agree(trainer):
+            return False
         if not targets or sum(len(y) for y in targets) == 0:
             raise MisconfigurationException(
                 "TangentGradientMonitor found no training samples: give the DataModule `train_inputs` and "
@@ -463,6 +480,7 @@ class TangentGradientMonitor(Callback):
         self._targets = to_device(torch.cat(targets), device)
         if self.projected_reference:
             self._outputs_target = self._zero_loss_outputs(pl_module)
+        return True
 
     def _zero_loss_outputs(self, pl_module: pl.LightningModule) -> Tensor:
         # Y of Z = {F = Y}: the float targets as outputs, or class indices one-hot, where the loss is zero.
@@ -527,14 +545,8 @@ class TangentGradientMonitor(Callback):
             loss_grad = self._loss_gradient(pl_module, op).double()
             finite = bool(torch.isfinite(theta).all() and torch.isfinite(loss_grad).all())  # host sync
             if not finite:
-                message = (
-                    f"TangentGradientMonitor: θ or the loss gradient is not finite at step {step}; the measurement "
-                    "is skipped."
-                )
-                if self.nan_policy == "error":
-                    raise RuntimeError(message)
-                self._warn("not_finite", message + " (Warned once; set nan_policy='error' to stop instead.)")
                 op.refresh()
+                self._non_finite(trainer, "θ or the loss gradient")
                 return {}
 
             # Decay gradient g = (wd_g·θ_g) and displacement d = (c_g·θ_g), element by element.
