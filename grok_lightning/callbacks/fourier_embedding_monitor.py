@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from grok_lightning.callbacks._data import Warner, log_now, log_pending
+from grok_lightning.callbacks._base import DiagnosticCallback, NanPolicy
+from grok_lightning.callbacks._data import log_now, log_pending, may_shard_parameters
+from grok_lightning.callbacks._validation import check_callable, check_number, check_positive_int
 
 __all__ = ["FourierEmbeddingMonitor", "FourierSpectrum", "default_embedding", "fourier_spectrum"]
 
@@ -38,12 +40,16 @@ def fourier_spectrum(embedding: Tensor) -> FourierSpectrum:
     conjugates of k for a real table, and k = 0 (the mean row) is not a circle, so both are left out.
 
     Args:
-        embedding: E, (p, d): row a is the vector of residue a.
+        embedding: E, (p, d): row a is the vector of residue a. A ``DTensor`` (parameters sharded by FSDP2) is
+            gathered first, a collective: call it on every rank.
 
     Returns:
         The spectrum, float64.
     """
-    e = embedding.detach().to(torch.float64)
+    e = embedding.detach()
+    if hasattr(e, "full_tensor"):  # DTensor: the whole table on every rank
+        e = e.full_tensor()
+    e = e.to(torch.float64)
     p = e.shape[0]
     spectrum = torch.fft.fft(e, dim=0)[1 : (p - 1) // 2 + 1]  # (K, d) complex128
     re, im = spectrum.real, spectrum.imag
@@ -94,7 +100,7 @@ def _weighted_mean(values: Tensor, weights: Tensor) -> float | None:
     return float((values[defined] * weights[defined]).sum() / total)
 
 
-class FourierEmbeddingMonitor(Callback):
+class FourierEmbeddingMonitor(DiagnosticCallback):
     """Measure how circular the residue embeddings of a modular-arithmetic model are, frequency by frequency.
 
     Take the first-layer rows E[0..p−1], one per residue, and their discrete Fourier transform over the residue
@@ -113,11 +119,17 @@ class FourierEmbeddingMonitor(Callback):
             modules (see :func:`default_embedding`).
         power_floor: Frequencies whose power is below this fraction of the total (k ≥ 1) power are left out of
             the unweighted means: their shape is rounding noise.
+        nan_policy: What to do when the embedding holds NaN or inf at a measurement: ``"warn"`` (once) and skip
+            it, or ``"error"`` (raise).
+        strict: Raise an exception of the monitor's own measurement (e.g. from ``embedding``) instead of warning
+            once and disabling the monitor for the rest of the run.
 
     Raises:
         ValueError: If an argument is out of range or of the wrong type, naming it and the value it got.
         MisconfigurationException: When training starts, if the embedding cannot be found or is not a
             (p, d) table with p ≥ 3.
+        RuntimeError: ``NonFiniteError``, with ``nan_policy="error"``, at a measurement where the embedding is
+            not finite.
 
     Logged metrics (every ``every_n_steps`` steps and when training starts; written to the loggers under the
     ``trainer.global_step`` of the measurement and put in ``trainer.callback_metrics`` at the next batch end;
@@ -140,8 +152,16 @@ class FourierEmbeddingMonitor(Callback):
           say as the dominant one, so a network that uses few frequencies reads as "not round" through the
           shape of its noise. The weighted means follow the frequencies that matter; log both, judge with
           the weighted one when ``top_power_fraction`` is high.
-        - Reads weights only, under ``torch.no_grad()``; draws no random numbers; one host sync per
-          measurement.
+        - Reads weights only, under ``torch.no_grad()``; draws no random numbers; two host syncs per
+          measurement (the finiteness check and the values).
+        - **Faults.** An exception inside a measurement (other than a configuration error) is reported once, as a
+          ``RuntimeWarning`` with its type and message, and disables the monitor for the rest of the fit; training
+          goes on. Under DDP it has no collective, so a failure disables it on the failing rank alone; with
+          sharded parameters (FSDP2), where the embedding is gathered, the ranks agree on disabling it at the next
+          measuring step.
+        - Reads only the weights, so every training setup works (accumulation, param groups, schedulers,
+          ``bf16-mixed``, manual optimization, frozen embeddings, ``torch.compile``, minibatches); see
+          ``docs/limitations.md``.
 
     Example:
         >>> monitor = FourierEmbeddingMonitor(every_n_steps=100, top_k=4)
@@ -155,24 +175,15 @@ class FourierEmbeddingMonitor(Callback):
         figure_every_n_steps: int | None = None,
         embedding: EmbeddingFn | None = None,
         power_floor: float = 1e-9,
+        nan_policy: NanPolicy = "warn",
+        strict: bool = False,
     ) -> None:
-        super().__init__()
-        for name, value in (("every_n_steps", every_n_steps), ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
-        if figure_every_n_steps is not None and (
-            isinstance(figure_every_n_steps, bool)
-            or not isinstance(figure_every_n_steps, int)
-            or figure_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"Expected argument `figure_every_n_steps` to be a positive integer or None, but got "
-                f"{figure_every_n_steps!r}."
-            )
-        if embedding is not None and not callable(embedding):
-            raise ValueError(f"Expected argument `embedding` to be callable or None, but got {embedding!r}.")
-        if isinstance(power_floor, bool) or not isinstance(power_floor, (int, float)) or not 0 <= power_floor < 1:
-            raise ValueError(f"Expected argument `power_floor` to be a number in [0, 1), but got {power_floor!r}.")
+        super().__init__(nan_policy=nan_policy, strict=strict)
+        check_positive_int("every_n_steps", every_n_steps)
+        check_positive_int("top_k", top_k)
+        check_positive_int("figure_every_n_steps", figure_every_n_steps, optional=True)
+        check_callable("embedding", embedding)
+        check_number("power_floor", power_floor, 0.0, 1.0, high_open=True)
         self.every_n_steps = every_n_steps
         self.top_k = top_k
         self.figure_every_n_steps = figure_every_n_steps
@@ -181,7 +192,6 @@ class FourierEmbeddingMonitor(Callback):
         self.last: dict[str, float] = {}  # the latest measurement
         self._last_step = -1
         self._pending: dict[str, float] = {}
-        self._warn = Warner()
 
     @cached_property  # read by Lightning at every hook call (profiler names); built once from the arguments
     def state_key(self) -> str:
@@ -220,7 +230,7 @@ class FourierEmbeddingMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step != self._last_step:
+        if trainer.global_step != self._last_step and self._agree(trainer):
             self._pending = self._check(trainer, pl_module)  # `pl_module.log` is not allowed here yet
 
     @override
@@ -229,15 +239,24 @@ class FourierEmbeddingMonitor(Callback):
     ) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:
+            if not self._agree(trainer):  # a sync point when the embedding is sharded
+                return
             self._pending = self._check(trainer, pl_module)
         if self._pending:
             log_pending(pl_module, self._pending)
             self._pending = {}
 
+    @override
+    def _collective(self, trainer: pl.Trainer) -> bool:
+        return may_shard_parameters(trainer)  # the embedding is gathered from its shards
+
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         step = trainer.global_step
         self._last_step = step
         metrics, spectrum = self.measure(pl_module)
+        if not math.isfinite(float(spectrum.power.sum())):  # host sync; a NaN or inf anywhere in E reaches the sum
+            self._non_finite(trainer, "the embedding")
+            return {}
         self.last = metrics
         if metrics:
             log_now(trainer, metrics, step)
