@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property, partial
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from grok_lightning.callbacks._base import DiagnosticCallback, NanPolicy
 from grok_lightning.callbacks._data import (
     LossFn,
     UnpackBatch,
-    Warner,
     default_unpack_batch,
     log_now,
     log_pending,
@@ -25,6 +24,7 @@ from grok_lightning.callbacks._data import (
     training_batches,
     training_set_is_complete,
 )
+from grok_lightning.callbacks._validation import check_callable, check_choice, check_positive_int
 from grok_lightning.geometry import (
     FLOW_ACTIVATIONS,
     FlowActivation,
@@ -37,16 +37,10 @@ from grok_lightning.geometry import (
 
 __all__ = ["Eq20AlignmentMonitor", "default_two_layer_weights"]
 
-NanPolicy = Literal["warn", "error"]
 WeightsFn = Callable[[pl.LightningModule], tuple[Tensor, Tensor]]
 
 # Strategies that shard or split the parameters: one rank does not hold the first layer whole.
 _REFUSED_STRATEGIES = ("FSDP", "XLAFSDP", "DeepSpeed", "ModelParallel")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}.")
 
 
 def _two_layers(pl_module: pl.LightningModule) -> tuple[nn.Linear, nn.Linear] | None:
@@ -99,7 +93,7 @@ def _default_activation(pl_module: pl.LightningModule) -> str | None:
     return activation if isinstance(activation, str) else None
 
 
-class Eq20AlignmentMonitor(Callback):
+class Eq20AlignmentMonitor(DiagnosticCallback):
     r"""Compare the first-layer update of a trained two-layer MSE network with the paper's Eq. 20 prediction.
 
     The network is Ŷ = σ(X E) W₂ without biases: E (d_in, width) is the first layer as *inputs times E*, the
@@ -130,6 +124,8 @@ class Eq20AlignmentMonitor(Callback):
             callbacks' default loss.
         nan_policy: What to do when E or the prediction is not finite: ``"warn"`` (once) and skip the
             measurement, or ``"error"`` (raise ``RuntimeError``).
+        strict: Raise an exception of the monitor's own measurement (e.g. from ``weights``) instead of warning
+            once and disabling the monitor for the rest of the run.
 
     Raises:
         ValueError: If an argument is out of range or an unknown choice, naming it and its value.
@@ -139,7 +135,8 @@ class Eq20AlignmentMonitor(Callback):
             or outputs on the training inputs that differ from σ(X E) W₂); if the loss is not zero at finite
             targets Y (cross-entropy); if the training set is empty, not a single (n, d_in) input tensor, larger
             than the width (H Hᵀ is then always singular), or, under DDP, only this rank's share.
-        RuntimeError: With ``nan_policy="error"``, at a measuring step where E or the prediction is not finite.
+        RuntimeError: ``NonFiniteError``, with ``nan_policy="error"``, at a measuring step where E or the
+            prediction is not finite.
 
     Logged metrics (at each measuring step, under its ``trainer.global_step``, on every logger and in
     ``trainer.callback_metrics``):
@@ -179,6 +176,9 @@ class Eq20AlignmentMonitor(Callback):
           No Jacobian: it costs microseconds to milliseconds for the paper's sizes.
         - **Distributed.** Under DDP every rank holds E whole and reads the whole training set, so every rank
           computes and logs the same values, without a collective. Sharding strategies are refused.
+        - **Faults.** An exception inside a measurement (other than a configuration error) is reported once, as a
+          ``RuntimeWarning`` with its type and message, and disables the monitor for the rest of the fit; training
+          goes on. No collectives: under DDP a failure disables it on the failing rank alone.
         - Reads weights only, under ``torch.no_grad()``; the one forward pass (the structure check at fit start)
           runs in eval mode with the global random states restored. No ``.grad`` is written, no random number
           drawn: training with and without the callback gives the same weights bit for bit.
@@ -199,19 +199,15 @@ class Eq20AlignmentMonitor(Callback):
         unpack_batch: UnpackBatch | None = None,
         loss_fn: LossFn | None = None,
         nan_policy: NanPolicy = "warn",
+        strict: bool = False,
     ) -> None:
-        super().__init__()
-        _positive_int("every_n_steps", every_n_steps)
-        _positive_int("update_window", update_window)
-        if activation is not None and activation not in FLOW_ACTIVATIONS:
-            raise ValueError(
-                f"Expected argument `activation` to be one of {FLOW_ACTIVATIONS} or None, but got {activation!r}."
-            )
-        for name, fn in (("weights", weights), ("unpack_batch", unpack_batch), ("loss_fn", loss_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"Expected argument `{name}` to be callable or None, but got {fn!r}.")
-        if nan_policy not in ("warn", "error"):
-            raise ValueError(f"Expected argument `nan_policy` to be one of ('warn', 'error'), but got {nan_policy!r}.")
+        super().__init__(nan_policy=nan_policy, strict=strict)
+        check_positive_int("every_n_steps", every_n_steps)
+        check_positive_int("update_window", update_window)
+        check_choice("activation", activation, FLOW_ACTIVATIONS, optional=True)
+        check_callable("weights", weights)
+        check_callable("unpack_batch", unpack_batch)
+        check_callable("loss_fn", loss_fn)
 
         self.every_n_steps = every_n_steps
         self.update_window = update_window
@@ -219,7 +215,6 @@ class Eq20AlignmentMonitor(Callback):
         self.weights = weights or default_two_layer_weights
         self.unpack_batch = unpack_batch or default_unpack_batch
         self.loss_fn = loss_fn
-        self.nan_policy = nan_policy
 
         # Resumable state: the last measured step and the copies of E waiting for their measuring step.
         self._last_measure_step = -1
@@ -229,7 +224,6 @@ class Eq20AlignmentMonitor(Callback):
         self._targets: Tensor | None = None  # Y, (n, C) float64
         self._activation: str = "relu"
         self._pending: dict[str, float] = {}
-        self._warn = Warner()
 
     @cached_property  # read by Lightning at every hook call (profiler names); built once from the arguments
     def state_key(self) -> str:
@@ -392,11 +386,8 @@ class Eq20AlignmentMonitor(Callback):
         if self._pending:
             log_now(trainer, self._pending, step)
 
-    def _not_finite(self, step: int, what: str) -> dict[str, float]:
-        message = f"Eq20AlignmentMonitor: {what} is not finite at step {step}; the measurement is skipped."
-        if self.nan_policy == "error":
-            raise RuntimeError(message)
-        self._warn("not_finite", message + " (Warned once; set nan_policy='error' to stop instead.)")
+    def _not_finite(self, pl_module: pl.LightningModule, what: str) -> dict[str, float]:
+        self._non_finite(pl_module.trainer, what)  # warns once (or raises, with nan_policy="error")
         return {}
 
     def _measure(self, pl_module: pl.LightningModule, step: int, start: Tensor | None) -> dict[str, float]:
@@ -404,7 +395,7 @@ class Eq20AlignmentMonitor(Callback):
         with torch.no_grad():
             e, w2 = (t.detach().double() for t in self.weights(pl_module))
             if not bool(torch.isfinite(e).all() and torch.isfinite(w2).all()):  # host sync: skip or go on
-                return self._not_finite(step, "the first layer E or the read-out W₂")
+                return self._not_finite(pl_module, "the first layer E or the read-out W₂")
             metrics: dict[str, float] = {}
             try:
                 # The read-out Eq. 20 assumes at the current E, against the network's own.
@@ -420,7 +411,7 @@ class Eq20AlignmentMonitor(Callback):
                     flow, _, _ = eq20_flow(start, x, y, self._activation)  # dE/ds at E_{t−k}, (d_in, width)
                     update = e - start
                     if not bool(torch.isfinite(flow).all()):
-                        return self._not_finite(step, "the Eq. 20 prediction")
+                        return self._not_finite(pl_module, "the Eq. 20 prediction")
                     denominator = float(update.norm() * flow.norm())
                     if denominator > 0:
                         metrics["grok/eq20/update_cos"] = float((update * flow).sum()) / denominator
