@@ -103,6 +103,11 @@ def _machine_eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+# ‖J·P_T v‖ below this many machine epsilons of J's products, relative to ‖J‖·‖P_T v‖, is rounding noise: the
+# iterative projection stops there (see ``atol`` of :func:`batched_lsqr`).
+_ROUNDING = 10.0
+
+
 def _check_deadline(deadline: float | None) -> None:
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, float | int) or deadline < 0):
         raise ValueError(
@@ -351,11 +356,16 @@ class TangentProjector:
         if sigma_max_sq <= 0:
             keep = torch.zeros_like(keep)
         rank = int(keep.sum())
-        basis = eigenvectors[:, keep]
+        basis, sigma_sq = eigenvectors[:, keep], eigenvalues[keep]
         if row_side:
-            # row(J) = range(Jᵀ U Λ^{-1/2}): orthonormal basis V = Jᵀ U Λ^{-1/2}, (P, r).
-            basis = (jac.T @ basis) / eigenvalues[keep].sqrt()
-        self._dense = (jac, basis, eigenvalues[keep], rank)
+            # row(J) = range(Jᵀ U), (P, r). Its thin SVD gives an orthonormal basis V and the σᵢ; Jᵀ U Λ^{-1/2} is
+            # the same basis in exact arithmetic, but loses orthogonality as σ_max²/σᵢ² grows (eigenvector errors
+            # near eps64·σ_max²/λᵢ, measured 1e-3 at σᵢ/σ_max = 5e-7): the projector would not be idempotent.
+            basis = jac.T @ basis
+            if rank > 0:
+                basis, sigma, _ = torch.linalg.svd(basis, full_matrices=False)
+                sigma_sq = sigma.square()
+        self._dense = (jac, basis, sigma_sq, rank)
         self._dense_key = op._key
         return self._dense
 
@@ -419,6 +429,9 @@ class TangentProjector:
             scale=scale,
             max_iter=self.max_iter,
             stop_at=stop_at,
+            # A vector tangent to rounding (J v is noise) cannot meet the relative test: stop at the precision of
+            # J's products instead of iterating on noise (which corrupts the answer).
+            atol=_ROUNDING * _machine_eps(op.dtype),
         )
         u = u0 + (solved.x if precond is None else precond.apply(solved.x))
         for i, key in enumerate(keys):

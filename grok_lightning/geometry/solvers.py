@@ -56,6 +56,7 @@ def batched_lsqr(
     max_iter: int = 100,
     trace: Callable[[int, Tensor, Tensor], None] | None = None,
     stop_at: float | None = None,
+    atol: float = 0.0,
 ) -> LSQRResult:
     """Solve min ‖A xⱼ − bⱼ‖² + damp²‖xⱼ‖² for k right-hand sides at once, starting from x = 0.
 
@@ -72,6 +73,13 @@ def batched_lsqr(
             LSQR's (k,) estimates of ‖b − A x‖ and ‖Aᵀ(b − A x)‖ (for convergence studies).
         stop_at: A :func:`time.perf_counter` value: no step starts after it (unconverged columns then
             report ``converged=False`` and ``timed_out`` is set). ``None``: no time limit.
+        atol: Also stop column j (converged) once ‖Aᵀrⱼ‖ ≤ atol·‖A‖·‖rⱼ‖, with LSQR's estimates of ‖A‖ (the
+            Frobenius norm of the bidiagonal matrix so far) and of ‖rⱼ‖: Paige and Saunders' test for a
+            least-squares solution found to the products' precision. Where ``tol · scale`` lies below the
+            rounding level of the products (Aᵀb itself rounding noise: b in the null space of Aᵀ to working
+            precision), the first test can never be met; LSQR would go on past the exhaustion of its Krylov
+            space, where the bidiagonalization runs on rounding noise and its steps corrupt the solution.
+            ``0``: off.
 
     Returns:
         An :class:`LSQRResult`. Columns with b = 0 or Aᵀb = 0 are solved at x = 0 with zero iterations of
@@ -96,6 +104,7 @@ def batched_lsqr(
     tol_t = torch.as_tensor(tol, dtype=dtype, device=device).expand(k)
     normal = alpha * beta
     active = normal > tol_t * scale
+    anorm = torch.zeros_like(beta)  # ‖A‖ estimate: Frobenius norm of the bidiagonal matrix so far
     iterations = 0
     av = aw.clone()  # A·v for the current v
 
@@ -109,6 +118,7 @@ def batched_lsqr(
         u = av - alpha[:, None] * u
         beta = u.norm(dim=1)
         u = u * _safe_div(torch.ones_like(beta), beta)[:, None]
+        anorm = torch.sqrt(anorm**2 + alpha**2 + beta**2 + damp**2)
         if damp > 0:
             rhobar1 = torch.sqrt(rhobar**2 + damp**2)
             cs1 = _safe_div(rhobar, rhobar1)
@@ -136,6 +146,8 @@ def batched_lsqr(
         aw = av - coef[:, None] * aw
         normal = torch.where(active, (phibar * alpha * c).abs(), normal)
         active = active & (normal > tol_t * scale) & (alpha > 0) & (beta > 0)
+        if atol > 0:  # |phibar| is LSQR's estimate of ‖r‖
+            active = active & (normal > atol * anorm * phibar.abs())
         if trace is not None:
             trace(iterations, phibar.abs(), normal)
 
