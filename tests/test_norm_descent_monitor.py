@@ -216,14 +216,17 @@ def test_norm_descent_monitor_tensorboard_layout(tiny_trainer, tmp_path):
 def test_norm_descent_monitor_sharded_norms_are_reduced():
     """Under a sharding strategy each rank's sums are all-reduced; replicated parameters are not."""
 
-    class FSDPStrategyStub:
+    class StrategyStub:
         root_device = torch.device("cpu")
 
         def reduce(self, tensor, reduce_op):
             assert reduce_op == "sum"
             return tensor * 2  # the other rank holds a shard with the same squares
 
-    class DDPStrategyStub(FSDPStrategyStub):
+    class FSDPStrategyStub(StrategyStub):
+        pass
+
+    class DDPStrategyStub(StrategyStub):  # not derived from FSDP: a subclass of it shards too
         pass
 
     groups = [[torch.tensor([3.0, 4.0])], [torch.tensor([1.0]), torch.tensor([2.0])]]

@@ -42,6 +42,7 @@ __all__ = [
     "predictions_correct",
     "preserved_rng",
     "squared_norms",
+    "strategy_base",
     "to_device",
     "training_batches",
     "training_set_is_complete",
@@ -339,8 +340,16 @@ def squared_norms(groups: list[list[Tensor]], trainer: pl.Trainer) -> Tensor:
 
 
 def _is_sharded(trainer: pl.Trainer) -> bool:
-    name = type(trainer.strategy).__name__
-    return name.startswith(("FSDP", "DeepSpeed"))
+    return strategy_base(trainer, ("FSDP", "DeepSpeed")) is not None
+
+
+def strategy_base(trainer: pl.Trainer, prefixes: tuple[str, ...]) -> str | None:
+    """The name of the first class along the strategy's MRO that starts with one of ``prefixes``, else ``None``.
+
+    Judged along the MRO, not on the strategy's own class name alone: a user's subclass of ``FSDPStrategy`` shards
+    the parameters as much as ``FSDPStrategy`` does, whatever it is called.
+    """
+    return next((c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__.startswith(prefixes)), None)
 
 
 def may_shard_parameters(trainer: pl.Trainer) -> bool:

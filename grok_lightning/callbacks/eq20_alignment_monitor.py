@@ -21,6 +21,7 @@ from grok_lightning.callbacks._data import (
     log_pending,
     per_sample_loss,
     preserved_rng,
+    strategy_base,
     training_batches,
     training_set_is_complete,
 )
@@ -233,8 +234,10 @@ class Eq20AlignmentMonitor(DiagnosticCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if name.startswith(_REFUSED_STRATEGIES):
+        base = strategy_base(trainer, _REFUSED_STRATEGIES)
+        if base is not None:
+            name = type(trainer.strategy).__name__
+            name = name if name == base else f"{name} ({base})"
             raise MisconfigurationException(
                 f"Eq20AlignmentMonitor does not support the {name} strategy: it shards or splits the parameters, "
                 "so no rank holds the first layer whole. Use it on a single device or under DDP."

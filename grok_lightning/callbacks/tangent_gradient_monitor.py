@@ -26,6 +26,7 @@ from grok_lightning.callbacks._data import (
     optimizer_parameters,
     per_sample_loss,
     preserved_rng,
+    strategy_base,
     to_device,
     training_batches,
     training_set_is_complete,
@@ -324,8 +325,10 @@ class TangentGradientMonitor(DiagnosticCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if name.startswith(_REFUSED_STRATEGIES):
+        base = strategy_base(trainer, _REFUSED_STRATEGIES)
+        if base is not None:
+            name = type(trainer.strategy).__name__
+            name = name if name == base else f"{name} ({base})"
             raise MisconfigurationException(
                 f"TangentGradientMonitor does not support the {name} strategy: it shards or splits the "
                 "parameters, so no rank holds θ to form the Jacobian of the training outputs. Use it on a single "

@@ -44,6 +44,7 @@ class CallbackSpec:
     cls: type[Callback]
     arguments: Callable[[Setting], dict[str, Any]]  # the constructor's arguments for a setting
     keys: tuple[str, ...]  # keys it logs in any run long enough (a check that it measured)
+    prefixes: tuple[str, ...]  # every key it logs starts with one of these
     applies: Callable[[pl.LightningModule], bool] = lambda module: True  # modules it does not refuse
     sharded: bool = False  # works under strategies that shard the parameters (FSDP)
     volatile: tuple[str, ...] = ()  # keys whose values are wall times: compared by step only
@@ -79,12 +80,20 @@ CALLBACKS: tuple[CallbackSpec, ...] = (
             "val_threshold": s.val_threshold,
         },
         keys=("grok/train_loss_full", "grok/memorized", "grok/generalized"),
+        prefixes=("grok/train_", "grok/memorized", "grok/generalized", "grok/grok_delay"),
         sharded=True,
     ),
     CallbackSpec(
         NormDescentMonitor,
         lambda s: {"every_n_steps": 1, "window": 4, "log_param_groups": True},
         keys=("grok/weight_norm", "grok/decay_rate_unconstrained", "grok/norm_descent_rate"),
+        prefixes=(
+            "grok/weight_norm",
+            "grok/decay_rate_unconstrained",
+            "grok/norm_descent_rate",  # not grok/norm_descent_rate_predicted: TangentGradientMonitor's
+            "grok/effective_tangent_fraction",
+            "grok/norm_timescale",
+        ),
         sharded=True,
     ),
     CallbackSpec(
@@ -97,18 +106,21 @@ CALLBACKS: tuple[CallbackSpec, ...] = (
             "probe_size": 8,  # a small dense J keeps each measurement cheap
         },
         keys=("grok/tangent/weight_fraction", "grok/tangent/grad_fraction", "grok/norm_descent_rate_predicted"),
+        prefixes=("grok/tangent/", "grok/norm_descent_rate_predicted"),
         volatile=("grok/tangent/seconds",),
     ),
     CallbackSpec(
         FourierEmbeddingMonitor,
         lambda s: {"every_n_steps": s.every_n_steps, "top_k": 2, "embedding": s.embedding},
         keys=("grok/fourier/circle_roundness", "grok/fourier/top_power_fraction"),
+        prefixes=("grok/fourier/",),
         sharded=True,
     ),
     CallbackSpec(
         Eq20AlignmentMonitor,
         lambda s: {"every_n_steps": s.every_n_steps, "update_window": 2},
         keys=("grok/eq20/readout_gap", "grok/eq20/update_cos"),
+        prefixes=("grok/eq20/",),
         applies=_two_layer_mse,
     ),
 )
