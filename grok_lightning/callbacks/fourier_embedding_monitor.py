@@ -131,9 +131,9 @@ class FourierEmbeddingMonitor(DiagnosticCallback):
         RuntimeError: ``NonFiniteError``, with ``nan_policy="error"``, at a measurement where the embedding is
             not finite.
 
-    Logged metrics (every ``every_n_steps`` steps and when training starts; written to the loggers under the
-    ``trainer.global_step`` of the measurement and put in ``trainer.callback_metrics`` at the next batch end;
-    frequencies k = 1..⌊(p−1)/2⌋, k = 0 excluded):
+    Logged metrics (every ``every_n_steps`` steps and when training starts, but not again when resuming from a
+    checkpoint; written to the loggers under the ``trainer.global_step`` of the measurement and put in
+    ``trainer.callback_metrics`` at the next batch end; frequencies k = 1..⌊(p−1)/2⌋, k = 0 excluded):
 
     - ``grok/fourier/circle_roundness``: mean over k of min/max(‖Re F_k‖, ‖Im F_k‖) (dimensionless, 1 = round
       circle, 0 = a line segment), over frequencies with power above ``power_floor``.
@@ -230,7 +230,11 @@ class FourierEmbeddingMonitor(DiagnosticCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step != self._last_step and self._agree(trainer):
+        # A fresh monitor measures where fitting starts; one restored from a checkpoint only at its own measuring
+        # steps, as the uninterrupted run did.
+        step = trainer.global_step
+        due = self._last_step < 0 or (step % self.every_n_steps == 0 and step != self._last_step)
+        if due and self._agree(trainer):
             self._pending = self._check(trainer, pl_module)  # `pl_module.log` is not allowed here yet
 
     @override
@@ -245,6 +249,14 @@ class FourierEmbeddingMonitor(DiagnosticCallback):
         if self._pending:
             log_pending(pl_module, self._pending)
             self._pending = {}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict["last_step"]
 
     @override
     def _collective(self, trainer: pl.Trainer) -> bool:

@@ -51,8 +51,10 @@ class ZeroLossDetector(DiagnosticCallback):
 
     *Memorized* means: training accuracy ≥ ``acc_threshold`` and mean training loss ≤ ``loss_threshold`` at
     ``patience`` consecutive checks. *Generalized* means: the validation metric ``monitor`` (read from
-    ``trainer.callback_metrics``) ≥ ``val_threshold`` in ``patience`` consecutive validation runs. Each event
-    is recorded at the first check of its streak, once, and stays recorded (it is part of the checkpoint).
+    ``trainer.callback_metrics`` as each validation run ends) ≥ ``val_threshold`` in ``patience`` consecutive
+    validation runs. Each event is recorded at the first check of its streak, once, and stays recorded (it is part
+    of the checkpoint, with the streaks, the check schedule and a validation result not yet read: a run resumed
+    from it decides and logs as the uninterrupted run would).
 
     Args:
         every_n_steps: Check every this many optimizer steps (``trainer.global_step``).
@@ -181,6 +183,8 @@ class ZeroLossDetector(DiagnosticCallback):
         # Per fit.
         self._val_runs = 0
         self._val_runs_seen = 0
+        self._val_value: float | None = None  # `monitor` as the latest validation run left it
+        self._unread_restored = False  # a checkpoint taken after a validation run that no check had read yet
         self._monitor_seen = False
         self._pending: dict[str, float] = {}
 
@@ -214,9 +218,13 @@ class ZeroLossDetector(DiagnosticCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._val_runs = self._val_runs_seen = 0
+        self._val_runs, self._val_runs_seen = int(self._unread_restored), 0
+        self._unread_restored = False
         self._monitor_seen = False
-        if trainer.global_step != self._last_check_step:
+        step = trainer.global_step
+        # A fresh detector checks where fitting starts; one restored from a checkpoint only at its own check steps,
+        # as the uninterrupted run did (an extra check would count towards `patience`).
+        if self._last_check_step < 0 or (step % self.every_n_steps == 0 and step != self._last_check_step):
             # Lightning allows no step-level `self.log` here: loggers get the values now, callback_metrics at the
             # first batch end.
             self._pending = self._check(trainer, pl_module)
@@ -237,6 +245,10 @@ class ZeroLossDetector(DiagnosticCallback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._val_runs += 1
+            # Read now, not at the next check: a checkpoint taken in between (ModelCheckpoint saves after
+            # validation) must carry it, since a resumed run's callback_metrics start empty.
+            value = trainer.callback_metrics.get(self.monitor)
+            self._val_value = None if value is None else float(value)  # host sync, once per validation run
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -260,6 +272,8 @@ class ZeroLossDetector(DiagnosticCallback):
             "train_loss": self.train_loss,
             "train_acc": self.train_acc,
             "at_zero_loss": self.at_zero_loss,
+            "unread_validation": self._val_runs > self._val_runs_seen,
+            "validation_value": self._val_value,
         }
 
     @override
@@ -274,6 +288,8 @@ class ZeroLossDetector(DiagnosticCallback):
         self.train_loss = state_dict["train_loss"]
         self.train_acc = state_dict["train_acc"]
         self.at_zero_loss = state_dict["at_zero_loss"]
+        self._unread_restored = state_dict.get("unread_validation", False)  # absent from older checkpoints
+        self._val_value = state_dict.get("validation_value")
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         step = trainer.global_step
@@ -354,10 +370,8 @@ class ZeroLossDetector(DiagnosticCallback):
         with self._guard(trainer, "the evaluation of the training set"):  # a failure here still reaches the reduce
             if self._failure is None:
                 self._accumulate(trainer, pl_module, totals)
-                if read_monitor and trainer.is_global_zero:
-                    value = trainer.callback_metrics.get(self.monitor)
-                    if value is not None:
-                        totals[5], totals[6] = float(value), 1.0  # host sync, once per validation run
+                if read_monitor and trainer.is_global_zero and self._val_value is not None:
+                    totals[5], totals[6] = self._val_value, 1.0
         if self.disabled:  # single process: the guard has reported the failure and disabled the detector
             return None
         totals[4] = float(self._failure is not None)
