@@ -45,7 +45,7 @@ def launched(tmp_path_factory):
     """Both distributed runs, each rank's record: {"ddp": [rank 0, rank 1], "fsdp": [rank 0, rank 1]}."""
     out = tmp_path_factory.mktemp("distributed")
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=300, cwd=out
+        [sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=180, cwd=out
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return {kind: [json.loads((out / f"{kind}_rank{r}.json").read_text()) for r in (0, 1)] for kind in ("ddp", "fsdp")}
