@@ -5,7 +5,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -188,6 +188,164 @@ def test_norm_descent_monitor_resumes_its_window(tiny_trainer, tmp_path):
     assert sorted(resumed.rates) == list(range(13, 21))
     for step, rate in resumed.rates.items():
         assert rate == pytest.approx(full.rates[step], rel=1e-6)
+
+
+class Weights(Callback):
+    """Records the squared norm of each param group of a TwoLayers after every step, in float64, by hand."""
+
+    def __init__(self):
+        self.squares = {}
+
+    def record(self, trainer, pl_module):
+        first = sum(float(p.detach().double().pow(2).sum()) for p in pl_module.first.parameters())
+        head = sum(float(p.detach().double().pow(2).sum()) for p in pl_module.second.parameters())
+        self.squares[trainer.global_step] = (first, head)
+
+    def on_train_start(self, trainer, pl_module):
+        self.record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.record(trainer, pl_module)
+
+
+def counting(monitor):
+    """The steps at which ``monitor`` measures, recorded by wrapping its ``_measure``."""
+    steps, measure = [], monitor._measure
+
+    def counted(trainer):
+        steps.append(trainer.global_step)
+        return measure(trainer)
+
+    monitor._measure = counted
+    return steps
+
+
+@pytest.mark.parametrize(("every_n_steps", "window"), [(1, 4), (1, 10), (3, 4), (3, 10)])
+def test_norm_descent_monitor_logs_what_every_step_would(tiny_trainer, logged_by_step, every_n_steps, window):
+    """With log_every_n_steps=5, every logged value equals the one computed by hand from θ recorded at every step."""
+    torch.manual_seed(0)
+    recorder = Weights()
+    monitor = NormDescentMonitor(every_n_steps=every_n_steps, window=window, log_param_groups=True)
+    max_steps, log_every = 23, 5
+    trainer = tiny_trainer([recorder, monitor], max_steps=max_steps, log_every_n_steps=log_every, precision="64-true")
+    trainer.fit(TwoLayers(), regression_loader())
+    assert sorted(recorder.squares) == list(range(max_steps + 1))
+
+    # Published at the start and at steps 5, 10, 15, 20 and 23 (max_steps): the latest multiple of every_n_steps.
+    published = {0} | {t // every_n_steps * every_n_steps for t in (*range(log_every, max_steps, log_every), max_steps)}
+    decay = (2 * 0.05 * 0.1 / 0.5, 2 * 0.02 * 0.3 / 0.5)  # 2·c_g = 2·lr·wd/(1 − momentum)
+    expected = {}
+    for t in sorted(published):
+        now = recorder.squares[t]
+        total, unconstrained = sum(now), sum(c * s for c, s in zip(decay, now, strict=True))
+        values = {
+            "grok/weight_norm": math.sqrt(total),
+            "grok/weight_norm/pg0": math.sqrt(now[0]),
+            "grok/weight_norm/head": math.sqrt(now[1]),
+            "grok/decay_rate_unconstrained": unconstrained,
+            "grok/decay_rate_unconstrained/pg0": decay[0] * now[0],
+            "grok/decay_rate_unconstrained/head": decay[1] * now[1],
+        }
+        if t >= window:  # the base: the latest multiple of every_n_steps at or before t − window
+            s = (t - window) // every_n_steps * every_n_steps
+            before = recorder.squares[s]
+            rate = -(total - sum(before)) / (t - s)
+            values["grok/norm_descent_rate"] = rate
+            values["grok/norm_descent_rate/pg0"] = -(now[0] - before[0]) / (t - s)
+            values["grok/norm_descent_rate/head"] = -(now[1] - before[1]) / (t - s)
+            values["grok/norm_descent_rate_relative"] = rate / total
+            mean = 0.5 * (unconstrained + sum(c * b for c, b in zip(decay, before, strict=True)))
+            values["grok/effective_tangent_fraction"] = rate / mean
+            if rate > 0:
+                values["grok/norm_timescale"] = total / rate
+        for key, value in values.items():
+            expected.setdefault(key, {})[t] = value
+
+    assert "grok/norm_descent_rate" in expected
+    for key, values in expected.items():
+        logged = logged_by_step(trainer, key)
+        assert sorted(logged) == sorted(values), key
+        for t, value in values.items():
+            assert logged[t] == pytest.approx(value, rel=1e-9, abs=1e-15), (key, t)
+
+
+@pytest.mark.parametrize(
+    ("log_every", "every_n_steps", "window", "max_steps", "measured"),
+    [
+        (50, 1, 10, 200, [0, 40, 50, 90, 100, 140, 150, 190, 200]),  # each logging step and its base
+        (5, 3, 4, 23, [0, 3, 9, 12, 15, 18, 21]),  # 3 ≤ 5, 9 ≤ 10, 15, 18 ≤ 20, 21 ≤ 23; bases 3, 9, 12, 15
+        (4, 10, 3, 30, [0, 10, 20, 30]),  # every_n_steps > log_every_n_steps: every multiple is published
+        (1, 1, 10, 30, list(range(31))),
+    ],
+)
+def test_norm_descent_monitor_measures_only_what_it_publishes(
+    tiny_trainer, log_every, every_n_steps, window, max_steps, measured
+):
+    """Measurements are taken on the steps published and at the bases of their windows only (every step with
+    log_every_n_steps=1)."""
+    monitor = NormDescentMonitor(every_n_steps=every_n_steps, window=window)
+    steps = counting(monitor)
+    tiny_trainer(
+        [monitor], max_steps=max_steps, log_every_n_steps=log_every, limit_val_batches=0, csv_logger=False
+    ).fit(LinearToyModule(), ToyDataModule(steps_per_epoch=max_steps))
+    assert steps == measured
+
+
+@pytest.mark.parametrize("collective", [False, True])
+def test_norm_descent_monitor_measures_where_training_stops(tiny_trainer, toy_trajectory, logged_by_step, collective):
+    """A step where training stops is measured and published, its rate over the span back to the latest earlier
+    measurement at or before t − window; not where ranks must measure alike (a sharding strategy's all-reduce)."""
+
+    class Stop(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step == 17
+
+    monitor = NormDescentMonitor(window=4)
+    if collective:
+        monitor._collective = lambda trainer: True
+    steps = counting(monitor)
+    trainer = tiny_trainer([Stop(), monitor], max_steps=40, log_every_n_steps=5, limit_val_batches=0)
+    trainer.fit(LinearToyModule(), ToyDataModule(steps_per_epoch=40))
+    assert trainer.global_step == 17
+    regular = [0, 1, 5, 6, 10, 11, 15, 16]  # the logging steps and their bases, 4 steps back (16 for step 20)
+    assert steps == (regular if collective else [*regular, 17])
+
+    # Without a measurement at step 17, the pending one (step 16, a base) is published there.
+    rates = logged_by_step(trainer, "grok/norm_descent_rate")
+    assert sorted(rates) == [5, 10, 15, 16 if collective else 17]
+    if not collective:
+        squares = [float(w @ w) for w in toy_trajectory((-1.0, 1.0), lr=0.1, wd=0.1, steps=17)]
+        assert rates[17] == pytest.approx(-(squares[17] - squares[11]) / 6, rel=1e-4)  # base 11, not 13
+        assert logged_by_step(trainer, "grok/weight_norm")[17] == pytest.approx(math.sqrt(squares[17]), rel=1e-6)
+
+
+@pytest.mark.parametrize("resume_step", [7, 14])
+def test_norm_descent_monitor_resumes_its_sparse_schedule(tiny_trainer, tmp_path, logged_by_step, resume_step):
+    """Resumed from a mid-window checkpoint of the same run, it logs what the uninterrupted run logged after it
+    (nothing at the resume step itself) and ends with the same history."""
+    keys = ("grok/weight_norm", "grok/norm_descent_rate", "grok/effective_tangent_fraction")
+
+    def run(ckpt_path=None):
+        monitor = NormDescentMonitor(window=4)
+        callbacks = [monitor]
+        if ckpt_path is None:
+            callbacks.append(
+                ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=7, save_top_k=-1)
+            )
+        trainer = tiny_trainer(
+            callbacks, max_steps=30, log_every_n_steps=5, limit_val_batches=0, enable_checkpointing=ckpt_path is None
+        )
+        trainer.fit(LinearToyModule(), ToyDataModule(steps_per_epoch=30), ckpt_path=ckpt_path)
+        return monitor, {key: logged_by_step(trainer, key) for key in keys}
+
+    full, full_logged = run()
+    resumed, resumed_logged = run(tmp_path / "ckpt" / f"step={resume_step}.ckpt")
+    for key in keys:
+        expected = {step: value for step, value in full_logged[key].items() if step > resume_step}
+        assert sorted(resumed_logged[key]) == sorted(expected), key
+        for step, value in expected.items():
+            assert resumed_logged[key][step] == pytest.approx(value, rel=1e-6), (key, step)
+    assert resumed.state_dict() == full.state_dict()
 
 
 def test_norm_descent_monitor_tensorboard_layout(tiny_trainer, tmp_path):
