@@ -9,13 +9,17 @@ well defined whether or not J has full row rank (when m > P, row(J) may be almos
 
 Two methods, one answer:
 
-* ``"dense"`` materializes J (m, P) in float64 from chunked, vmapped Jᵀ·eᵢ products, forms the Gram matrix of
-  the smaller side (J Jᵀ if m ≤ P, else Jᵀ J) and takes its symmetric eigendecomposition. Rank cut-off:
-  singular values σᵢ ≤ rtol · σ_max count as zero, with ``rtol = max(m, P) · eps`` of the dtype J was
-  computed in (the convention of ``numpy.linalg.matrix_rank``; J in float32 carries relative noise near
-  1e-7, so smaller singular values are not resolved); the Gram route adds a floor of sqrt(side · eps64),
-  about 1e-7 for side 1000, that matters only for float64 models. The factorization is cached until θ changes, so
-  projecting more vectors at the same θ costs two matrix–vector products each.
+* ``"dense"`` materializes J (m, P) in float64 from chunked, vmapped Jᵀ·eᵢ products and finds an orthonormal
+  basis V of row(J) after a rank cut-off: singular values σᵢ ≤ rtol · σ_max count as zero, with
+  ``rtol = max(m, P) · eps`` of the dtype J was computed in (the convention of ``numpy.linalg.matrix_rank``; J in
+  float32 carries relative noise near 1e-7, so smaller singular values are not resolved), and a floor of
+  sqrt(side · eps64) from the Gram matrix the σᵢ² are read from, about 1e-7 for side 1000, that matters only for
+  float64 models. If m ≤ P: a Householder QR Jᵀ = Q₀ R₀ (Q₀ kept as reflectors, never formed); full row rank
+  is confirmed by one Cholesky of the shifted Gram matrix J Jᵀ = R₀ᵀ R₀ and then V = Q₀; otherwise the Gram
+  eigendecomposition gives the rank and the kept eigenvectors U_r, and V = Q₀ Q₁ with R₀ U_r = Q₁ R₁. Either V is
+  orthonormal to rounding however ill-conditioned J is. If m > P: V is the kept eigenvectors of Jᵀ J. The
+  factorization is cached until θ changes, so projecting more vectors at the same θ costs two products with
+  Q₀ (or V) and two with J each.
 * ``"iterative"`` never forms J: it solves min_u ‖Jᵀu − v‖ with LSQR (:func:`batched_lsqr`, A = Jᵀ), whose
   residual v − Jᵀu *is* P_T v at convergence, and whose residual norm decreases monotonically to ‖P_T v‖.
   Each step costs one J·v (the transpose of the cached vjp closure) and one Jᵀ·u (the cached
@@ -115,6 +119,105 @@ def _check_deadline(deadline: float | None) -> None:
         )
 
 
+@dataclass
+class _DenseFactors:
+    """J at one θ and an orthonormal basis V (P, r) of its row space after the rank cut-off.
+
+    m ≤ P: Jᵀ = Q₀ R₀ (``torch.geqrf``: Q₀ as Householder reflectors, R₀ (m, m) in the upper triangle), and
+    V = Q₀ Q₁ with Jᵀ U_r = V R₁ (U_r the kept eigenvectors of J Jᵀ, Q₁ (m, r), R₁ (r, r) upper triangular), or
+    V = Q₀ when every σᵢ is kept (``inner`` None). m > P: V explicit, the kept eigenvectors of Jᵀ J, with their
+    eigenvalues σᵢ².
+    """
+
+    jac: Tensor  # (m, P) float64
+    rank: int
+    reflectors: tuple[Tensor, Tensor] | None = None  # m ≤ P: torch.geqrf(Jᵀ), (P, m) and (m,)
+    inner: Tensor | None = None  # (m, r) Q₁; None: V = Q₀
+    triangle: Tensor | None = None  # (r, r) R₁, with ``inner``
+    basis: Tensor | None = None  # m > P: (P, r) V
+    sigma_sq: Tensor | None = None  # m > P: (r,) σᵢ²
+
+    def coordinates(self, x: Tensor) -> Tensor:
+        """Vᵀx for x (k, P): (k, r)."""
+        if self.reflectors is None:
+            return x @ self.basis
+        a, tau = self.reflectors
+        c = torch.ormqr(a, tau, x.T, transpose=True)[: a.shape[1]].T  # (k, m): Q₀ᵀx
+        return c if self.inner is None else c @ self.inner
+
+    def expand(self, c: Tensor) -> Tensor:
+        """V c for c (k, r): (k, P)."""
+        if self.reflectors is None:
+            return c @ self.basis.T
+        a, tau = self.reflectors
+        if self.inner is not None:
+            c = c @ self.inner.T  # (k, m)
+        padded = c.new_zeros(a.shape[0], c.shape[0])  # (P, k): [c; 0]
+        padded[: a.shape[1]] = c.T
+        return torch.ormqr(a, tau, padded).T
+
+    def min_norm(self, rhs: Tensor) -> Tensor:
+        """J⁺r for r (k, m) with the kept σᵢ only: (k, P)."""
+        if self.rank == 0:
+            return rhs.new_zeros(rhs.shape[0], self.jac.shape[1])
+        if self.reflectors is None:
+            return ((rhs @ self.jac) @ self.basis / self.sigma_sq) @ self.basis.T  # V Σ⁻² Vᵀ Jᵀ r
+        a = self.reflectors[0]
+        r0 = a[: a.shape[1]].triu()  # (m, m)
+        if self.inner is None:
+            # J = R₀ᵀ Q₀ᵀ with R₀ nonsingular: J⁺r = Q₀ R₀⁻ᵀ r.
+            return self.expand(torch.linalg.solve_triangular(r0.T, rhs.T, upper=False).T)
+        # B = Jᵀ U_r = V R₁ has B Bᵀ = V Σ_r² Vᵀ, so J⁺r = (B Bᵀ)⁺ Jᵀ r = V (R₁ R₁ᵀ)⁻¹ Vᵀ Jᵀ r, with Vᵀ Jᵀ r = Q₁ᵀ R₀ r:
+        # what the thin SVD of B gave. The shorter V R₁⁻ᵀ U_rᵀ r reads U_r itself, whose errors near eps64·σ_max²/λᵢ
+        # it does not filter out (measured 3e-5 against 5e-9 relative to pinv(J)·r at σ_min/σ_max = 1e-6).
+        z = (rhs @ r0.T) @ self.inner  # (k, r)
+        y = torch.linalg.solve_triangular(self.triangle, z.T, upper=True)  # R₁⁻¹ z
+        return self.expand(torch.linalg.solve_triangular(self.triangle.T, y, upper=False).T)
+
+
+def _factorize_dense(jac: Tensor, rtol: float) -> _DenseFactors:
+    """The cached factorization of :class:`TangentProjector` for J (m, P) float64 and the rank cut-off ``rtol``."""
+    m, p = jac.shape
+    # Eigenvalues of the Gram matrix carry absolute errors near side · eps64 · σ_max², so σᵢ below
+    # sqrt(side · eps64) · σ_max cannot be told from zero whatever rtol says: σᵢ² ≤ cut · σ_max² count as zero.
+    cut = max(rtol**2, min(m, p) * _machine_eps(torch.float64))
+    if m > p:
+        gram = jac.T @ jac  # (P, P)
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+        keep = _kept(eigenvalues, cut)
+        return _DenseFactors(jac, int(keep.sum()), basis=eigenvectors[:, keep], sigma_sq=eigenvalues[keep])
+
+    reflectors = torch.geqrf(jac.T)  # Jᵀ = Q₀ R₀
+    r0 = reflectors[0][:m].triu()
+    gram = r0.T @ r0  # J Jᵀ, (m, m)
+    # Full row rank, the usual case, without an eigendecomposition: if G − 2·cut·‖G‖_F·I is positive definite, then
+    # λ_min > 2·cut·‖G‖_F ≥ 2·cut·λ_max, so every σᵢ is kept, with a margin of cut·λ_max ≥ side·eps64·λ_max for
+    # the Cholesky's rounding. Otherwise the eigenvalues decide, as for m > P.
+    shift = 2 * cut * torch.linalg.matrix_norm(gram)
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+    if int(torch.linalg.cholesky_ex(gram - shift * eye).info) == 0:  # host sync: the rank decides what follows
+        return _DenseFactors(jac, m, reflectors=reflectors)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+    rank = int(_kept(eigenvalues, cut).sum())
+    if rank == m:
+        return _DenseFactors(jac, m, reflectors=reflectors)
+    if rank == 0:
+        empty = torch.zeros(m, 0, dtype=jac.dtype, device=jac.device)
+        return _DenseFactors(jac, 0, reflectors=reflectors, inner=empty, triangle=empty[:0])
+
+    # row(J) after the cut-off = range(Jᵀ U_r) = Q₀ range(R₀ U_r); its QR gives an orthonormal basis whatever the
+    # conditioning. R₀ U_r Λ_r^(-1/2) is the same basis in exact arithmetic, but loses orthogonality as σ_max²/σᵢ²
+    # grows (eigenvector errors near eps64·σ_max²/λᵢ, measured 1e-3 at σᵢ/σ_max = 5e-7): P_T would not be idempotent.
+    inner, triangle = torch.linalg.qr(r0 @ eigenvectors[:, m - rank :])  # (m, r), (r, r)
+    return _DenseFactors(jac, rank, reflectors=reflectors, inner=inner, triangle=triangle)
+
+
+def _kept(eigenvalues: Tensor, cut: float) -> Tensor:
+    """Which Gram eigenvalues (ascending) stand for nonzero σᵢ: λᵢ > cut · λ_max, none if λ_max ≤ 0."""
+    top = eigenvalues[-1].clamp_min(0.0)
+    return (eigenvalues > cut * top) & (top > 0)
+
+
 class TangentProjector:
     """Projects parameter-space vectors onto T = null(J) and N = row(J) at the operator's current θ.
 
@@ -207,7 +310,7 @@ class TangentProjector:
         self._precond_key: tuple | None = None
         self._precond: ReadoutPreconditioner | None = None
         self._dense_key: tuple | None = None
-        self._dense: tuple[Tensor, Tensor, Tensor, int] | None = None
+        self._dense: _DenseFactors | None = None
         self._warm: dict[str, Tensor] = {}
 
     @property
@@ -284,10 +387,12 @@ class TangentProjector:
     def min_norm_solve(self, rhs: Tensor, *, deadline: float | None = None) -> MinNormSolution:
         """J⁺r: the minimum-norm δ with J δ = r (least squares when r is not in range(J)), at the current θ.
 
-        With J = U Σ Vᵀ (rank r after the cut-off), J⁺r = V Σ⁻² Vᵀ Jᵀ r. The dense method reads V and Σ² from the
-        cached factorization that :meth:`project` uses (so a projection at the same θ costs nothing more); the
-        iterative one runs plain LSQR on J from δ = 0 (no warm start: δ is not comparable between calls), which
-        converges to the minimum-norm solution, stopping when ‖Jᵀ(r − Jδ)‖ ≤ ``tol``·‖Jᵀr‖.
+        With J = U Σ Vᵀ (after the rank cut-off), J⁺r = V Σ⁻¹ Uᵀ r. The dense method reads it from the cached
+        factorization that :meth:`project` uses, so a projection at the same θ costs nothing more (notation of
+        ``_DenseFactors``): for m ≤ P, Q₀ R₀⁻ᵀ r at full row rank, else V (R₁ R₁ᵀ)⁻¹ Vᵀ Jᵀ r, by triangular
+        solves; for m > P, V Σ⁻² Vᵀ Jᵀ r. The iterative one runs plain LSQR on J from δ = 0 (no warm start: δ is
+        not comparable between calls), which converges to the minimum-norm solution, stopping when
+        ‖Jᵀ(r − Jδ)‖ ≤ ``tol``·‖Jᵀr‖.
 
         Args:
             rhs: Constraint-space vector(s) r, (m,) or (k, m), any float dtype.
@@ -307,9 +412,8 @@ class TangentProjector:
             )
         batch = rhs.reshape(-1, m).to(torch.float64)
         if self.resolved_method == "dense":
-            jac, basis, sigma_sq, _ = self._factorize()
-            batch = batch.to(jac.device)
-            x = ((batch @ jac) @ basis / sigma_sq) @ basis.T  # (k, P): V Σ⁻² Vᵀ Jᵀ r
+            factors = self._factorize()
+            x = factors.min_norm(batch.to(factors.jac.device))  # (k, P)
             result = MinNormSolution(solution=x, method="dense", iterations=0)
         else:
             solved = batched_lsqr(
@@ -335,44 +439,22 @@ class TangentProjector:
 
     # ------------------------------------------------------------------ dense
 
-    def _factorize(self) -> tuple[Tensor, Tensor, Tensor, int]:
-        # J (m, P), an orthonormal basis V of row(J) (P, r) and the kept σᵢ² (r,): J = U Σ Vᵀ.
-
+    def _factorize(self) -> _DenseFactors:
         op = self.operator
         op.value()  # linearize at the current θ (no-op if cached)
         if self._dense is not None and self._dense_key == op._key:
             return self._dense
         jac = op.jacobian(self.chunk_size)  # (m, P) float64
-        m, p = jac.shape
-        row_side = m <= p
-        gram = jac @ jac.T if row_side else jac.T @ jac  # (min(m, P),)²
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
-        rtol = self.rank_rtol if self.rank_rtol is not None else max(m, p) * _machine_eps(op.dtype)
-        # Eigenvalues of the Gram matrix carry absolute errors near side · eps64 · σ_max², so σᵢ below
-        # sqrt(side · eps64) · σ_max cannot be told from zero whatever rtol says.
-        floor = gram.shape[0] * _machine_eps(torch.float64)
-        sigma_max_sq = eigenvalues[-1].clamp_min(0.0)
-        keep = eigenvalues > max(rtol**2, floor) * sigma_max_sq
-        if sigma_max_sq <= 0:
-            keep = torch.zeros_like(keep)
-        rank = int(keep.sum())
-        basis, sigma_sq = eigenvectors[:, keep], eigenvalues[keep]
-        if row_side:
-            # row(J) = range(Jᵀ U), (P, r). Its thin SVD gives an orthonormal basis V and the σᵢ; Jᵀ U Λ^{-1/2} is
-            # the same basis in exact arithmetic, but loses orthogonality as σ_max²/σᵢ² grows (eigenvector errors
-            # near eps64·σ_max²/λᵢ, measured 1e-3 at σᵢ/σ_max = 5e-7): the projector would not be idempotent.
-            basis = jac.T @ basis
-            if rank > 0:
-                basis, sigma, _ = torch.linalg.svd(basis, full_matrices=False)
-                sigma_sq = sigma.square()
-        self._dense = (jac, basis, sigma_sq, rank)
+        rtol = self.rank_rtol if self.rank_rtol is not None else max(jac.shape) * _machine_eps(op.dtype)
+        self._dense = _factorize_dense(jac, rtol)
         self._dense_key = op._key
         return self._dense
 
     def _project_dense(self, batch: Tensor) -> ProjectionResult:
-        jac, basis, _, rank = self._factorize()
+        factors = self._factorize()
+        jac, rank = factors.jac, factors.rank
         batch = batch.to(jac.device)
-        normal = (batch @ basis) @ basis.T  # (k, P): V Vᵀ v
+        normal = factors.expand(factors.coordinates(batch))  # (k, P): V Vᵀ v
         tangent = batch - normal
         jv = batch @ jac.T  # (k, m)
         residual = (tangent @ jac.T).norm(dim=1) / jv.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)

@@ -273,3 +273,77 @@ def test_deadline_stops_the_iterative_solve():
     assert (solve.iterations, solve.converged, solve.timed_out) == (0, False, True)
     with pytest.raises(ValueError, match="`deadline`"):
         TangentProjector(op, "iterative").project(v, deadline=-1.0)
+
+
+def linear_model(singular_values, duplicates=0, width=8, outputs=3, seed=0):
+    """A bias-free float64 linear model on inputs X with the given singular values: J = X ⊗ I_C, σ(J) = σ(X)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = len(singular_values)
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64, generator=generator))
+    w, _ = torch.linalg.qr(torch.randn(width, rows, dtype=torch.float64, generator=generator))
+    base = (u * torch.tensor(singular_values, dtype=torch.float64)) @ w.T
+    x = torch.cat([base, base[:duplicates]])
+    net = nn.Linear(width, outputs, bias=False).double()
+    return net, x
+
+
+@pytest.mark.parametrize("duplicates", [0, 2])  # full row rank, and rank < m ≤ P (repeated samples)
+def test_dense_ill_conditioned_jacobian(duplicates):
+    """σ spread over 1e-6 (float64, all above the cut-off): P_T matches the SVD projector, is idempotent to
+    rounding, keeps the rank of the SVD, and J⁺r matches pinv(J)·r."""
+    rows = 6 - duplicates
+    net, x = linear_model(torch.logspace(0, -6, rows).tolist(), duplicates)
+    op = ConstraintOperator(net, x)
+    jac = reference_jacobian(net, x, op.names)
+    assert op.num_constraints <= op.num_params
+    sigma = torch.linalg.svdvals(jac)
+    rank = int((sigma > 1e-9 * sigma[0]).sum())
+    assert rank == rows * 3 and sigma[rank - 1] < 1e-5 * sigma[0]
+
+    generator = torch.Generator().manual_seed(1)
+    v = torch.randn(3, op.num_params, dtype=torch.float64, generator=generator)
+    projector = TangentProjector(op, "dense")
+    result = projector.project(v)
+    assert result.rank == rank
+    expected = torch.stack([reference_tangent(jac, row) for row in v])
+    torch.testing.assert_close(result.tangent, expected, atol=1e-10 * v.norm(), rtol=0)
+    again = projector.project(result.tangent).tangent
+    torch.testing.assert_close(again, result.tangent, atol=1e-13 * v.norm(), rtol=0)
+    assert (result.tangent @ jac.T).norm() <= 1e-13 * (v @ jac.T).norm()
+
+    r = torch.randn(2, op.num_constraints, dtype=torch.float64, generator=generator)
+    pinv = (torch.linalg.pinv(jac, rtol=1e-9) @ r.T).T
+    solution = projector.min_norm_solve(r).solution
+    assert ((solution - pinv).norm(dim=1) / pinv.norm(dim=1)).max() <= 1e-7
+
+
+@pytest.mark.parametrize(("smallest", "kept"), [(1e-2, 4), (1.2e-3, 4), (0.8e-3, 3), (0.0, 3)])
+def test_dense_rank_cut_off_near_the_threshold(smallest, kept):
+    """With rank_rtol = 1e-3, σ_min/σ_max = 1e-2, 1.2e-3 (kept), 0.8e-3 and 0 (dropped): the rank and P_T of an SVD
+    projector with the same cut-off, whether or not full row rank is clear from the shifted Gram matrix alone."""
+    net, x = linear_model([1.0, 0.5, 0.2, smallest])
+    op = ConstraintOperator(net, x)
+    jac = reference_jacobian(net, x, op.names)
+    _, sigma, vh = torch.linalg.svd(jac, full_matrices=False)
+    basis = vh[sigma > 1e-3 * sigma[0]].T
+    assert basis.shape[1] == kept * 3
+    v = torch.randn(2, op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    projector = TangentProjector(op, "dense", rank_rtol=1e-3)
+    result = projector.project(v)
+    assert result.rank == kept * 3
+    torch.testing.assert_close(result.tangent, v - (v @ basis) @ basis.T, atol=1e-12 * v.norm(), rtol=0)
+    r = torch.randn(op.num_constraints, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = torch.linalg.pinv(jac, rtol=1e-3) @ r
+    torch.testing.assert_close(projector.min_norm_solve(r).solution, expected, atol=1e-10 * expected.norm(), rtol=0)
+
+
+def test_dense_zero_jacobian():
+    """J = 0 (all inputs zero): rank 0, every vector tangent, J⁺r = 0."""
+    net = nn.Linear(3, 2, bias=False).double()
+    op = ConstraintOperator(net, torch.zeros(4, 3, dtype=torch.float64))
+    v = torch.randn(2, op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    projector = TangentProjector(op, "dense")
+    result = projector.project(v)
+    assert result.rank == 0 and result.relative_residual == 0
+    torch.testing.assert_close(result.tangent, v, atol=0, rtol=0)
+    assert projector.min_norm_solve(torch.ones(op.num_constraints)).solution.abs().max() == 0
