@@ -67,8 +67,14 @@ class HookClock:
         self.seconds = 0.0
 
     def wrap(self, callback: pl.Callback) -> pl.Callback:
-        """Replace the callback's hooks by timed ones (instance attributes, which Lightning looks up first)."""
+        """Replace the callback's own hooks by timed ones (instance attributes, which Lightning looks up first).
+
+        Only the hooks its class overrides: the inherited ones are `pl.Callback`'s empty methods, whose dispatch
+        Lightning pays for any callback (it is in the wall-time ratio), and wrapping them would time the clock.
+        """
         for name in self.HOOKS:
+            if getattr(type(callback), name) is getattr(pl.Callback, name):
+                continue
             hook = getattr(callback, name)
 
             def timed(*args: object, _hook: Callable[..., object] = hook, **kwargs: object) -> object:
