@@ -118,6 +118,13 @@ def run_one(config: dict[str, Any], init: str, seed: int, max_steps: int) -> dic
         "wall_seconds": round(wall, 1),
         "min_train_acc": min(r[1] for r in recorder.train),
         "max_cost_increase": max(b - a for a, b in itertools.pairwise(costs)),
+        # Where R/λ first rose, and by how much relative to its value there: Euler steps can overshoot a kink of
+        # the ReLU flow, which the continuous flow never does.
+        "first_cost_increase_step": next(
+            (r[0] for q, r in itertools.pairwise(recorder.train) if r[2] > q[2]),
+            None,
+        ),
+        "max_cost_increase_relative": max((b - a) / a for a, b in itertools.pairwise(costs)),
         "reduced_cost": {"first": costs[0], "last": costs[-1]},
         "weight_norm_sq": {"first": recorder.train[0][3], "last": recorder.train[-1][3]},
         "val_acc_at": {str(s): _at(recorder.val, s) for s in (500, 1000, 1500, 2000, 2500, 3000, max_steps)},
@@ -143,6 +150,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "first_step_0.99": [r["first_step_val_acc_0.99"] for r in group],
             "min_train_acc": min(r["min_train_acc"] for r in group),
             "max_cost_increase": max(r["max_cost_increase"] for r in group),
+            "max_cost_increase_relative": max(r["max_cost_increase_relative"] for r in group),
+            "first_cost_increase_step": min(
+                (r["first_cost_increase_step"] for r in group if r["first_cost_increase_step"] is not None),
+                default=None,
+            ),
             "fourier_last_median": {
                 k: statistics.median(r["fourier_last"][k] for r in group)
                 for k in FOURIER_KEYS
@@ -202,7 +214,8 @@ def _report(run: dict[str, Any]) -> dict[str, Any]:
         f"init={run['init']} seed={run['seed']}: val@1000={run['val_acc_at']['1000']:.3f} "
         f"val@2500={run['val_acc_at']['2500']:.3f} val@3000={run['val_acc_at']['3000']:.3f} "
         f"first 0.99 at {run['first_step_val_acc_0.99']}, min train acc {run['min_train_acc']}, "
-        f"max R increase {run['max_cost_increase']:.3g}, R {run['reduced_cost']['first']:.1f} -> "
+        f"max R increase {run['max_cost_increase']:.3g} ({run['max_cost_increase_relative']:.2g} relative, first "
+        f"at step {run['first_cost_increase_step']}), R {run['reduced_cost']['first']:.1f} -> "
         f"{run['reduced_cost']['last']:.1f}, fourier last {run['fourier_last']}, {run['wall_seconds']} s",
         flush=True,
     )
