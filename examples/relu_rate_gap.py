@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/relu_rate_gap.py --out runs/relu_rate_gap               # ReLU and GELU, 6000 steps, ~1-2 min
+    python examples/relu_rate_gap.py --out runs/relu_rate_gap               # ReLU and GELU, 6000 steps, about a minute
     python examples/relu_rate_gap.py --activation relu --steps 2000         # measure at 500, 1000, 2000 only
     python examples/relu_rate_gap.py --activation relu --steps 4000 --lr 0.1 --weight-decay 0.02  # far from EoS
 

@@ -331,7 +331,7 @@ def squared_norms(groups: list[list[Tensor]], trainer: pl.Trainer) -> Tensor:
             if hasattr(norm, "full_tensor"):  # DTensor: the norm of the whole tensor, reduced across its mesh
                 norm = norm.full_tensor()
             squares.append(norm.to(device=device, dtype=torch.float64))
-        # One stack per group, no indexed in-place adds: this runs every step, for models with few tensors.
+        # One stack per group, no indexed in-place adds: this runs at each measurement, for models with few tensors.
         per_group.append(torch.stack(squares).square().sum() if squares else torch.zeros((), dtype=torch.float64))
     sums = torch.stack(per_group).to(device) if per_group else torch.zeros(0, dtype=torch.float64, device=device)
     if trainer.world_size > 1 and _is_sharded(trainer):

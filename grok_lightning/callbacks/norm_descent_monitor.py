@@ -60,13 +60,13 @@ class NormDescentMonitor(DiagnosticCallback):
         MisconfigurationException: When fitting starts, if no optimizer holds trained parameters.
         RuntimeError: ``NonFiniteError``, with ``nan_policy="error"``, at a measurement where ‖θ‖ is not finite.
 
-    Logged metrics (published to the loggers and ``trainer.callback_metrics`` at the start of training and on the
-    Trainer's logging steps: every ``log_every_n_steps``, at ``max_steps`` and where training stops
-    (``trainer.should_stop``). A logging step t publishes the measurement at the latest multiple of
-    ``every_n_steps`` at or before t, under the step it was taken at, unless it is published already. Measured on
-    the steps it publishes and at the bases of their windows, and at the start of a fresh fit: the same values, at
-    the same steps, as measuring at every multiple of ``every_n_steps``. Rates are per optimizer step and positive
-    when the norm shrinks):
+    Logged metrics (published to the loggers at the start of training, and to the loggers and
+    ``trainer.callback_metrics`` on the Trainer's logging steps: every ``log_every_n_steps``, at ``max_steps``
+    and where training stops (``trainer.should_stop``). A logging step t publishes the measurement at the latest
+    multiple of ``every_n_steps`` at or before t, under the step it was taken at, unless it is published already.
+    Measured on the steps it publishes and at the bases of their windows, and at the start of a fresh fit: the same
+    values, at the same steps, as measuring at every multiple of ``every_n_steps``. Rates are per optimizer step and
+    positive when the norm shrinks):
 
     - ``grok/weight_norm``: ‖θ‖, in the parameters' units.
     - ``grok/decay_rate_unconstrained``: ``2·Σ_g c_g·‖θ_g‖²``, the decrease of ‖θ‖² per step that weight decay
@@ -223,7 +223,7 @@ class NormDescentMonitor(DiagnosticCallback):
             for logger in trainer.loggers:
                 logger.log_metrics(self._pending, step=self._pending_step)
             self._published_steps = (self._pending_step,)
-        if pl_module is None:  # on_train_start: the values reach callback_metrics at the first logging step
+        if pl_module is None:  # on_train_start: loggers only (callback_metrics get the next logging step's values)
             return
         log_pending(pl_module, self._pending)
         self._pending = {}

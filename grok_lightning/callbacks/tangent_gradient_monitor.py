@@ -195,7 +195,7 @@ class TangentGradientMonitor(DiagnosticCallback):
         - **ReLU.** The prediction assumes a smooth manifold. Measured on the paper-style MLP (p = 7, MSE,
           full-batch SGD, after memorization, float64 dense reference): with GELU the predicted rate is within
           1–3 % of the measured one; with ReLU it exceeds it by 25–40 % however small wd·lr, and on the paper
-          preset (p = 11, width 128) by 3.6× at step 500 up to 123× at step 4 000. There 12–20 % of the
+          preset (p = 11, width 128, seed 0) by 3.6× at step 500 up to 123× at step 4 000. There 12–20 % of the
           pre-activations change sign within 20 steps; holding them fixed as extra constraints brings the
           prediction to 0.98–1.05 of the measured rate (``examples/relu_rate_gap.py``, ``docs/theory.md`` §5).
         - **Approximate** under AdamW (the loss steps are preconditioned, outside the theorem) and with
@@ -213,7 +213,7 @@ class TangentGradientMonitor(DiagnosticCallback):
           a run shorter than about ten times its cost (measured: 0.1–0.4 s dense on the paper preset, up to the
           1 s deadline iterative on the mod-97 presets) spends more than the budget's share. Under DDP the
           deadline is off (ranks' clocks would stop them at different iterates), and skipping alone bounds the
-          cost. Measured overhead: ``benchmarks/bench_training.py``.
+          cost. Measured overhead: ``docs/performance.md`` (``benchmarks/bench_training.py``).
         - **Memory.** The constraint set is read once per fit and kept on the module's device; the constraint
           operator and its warm starts are kept between measurements; a dense J (at most 256 MB, see ``"auto"``)
           stays cached until the next measurement.
