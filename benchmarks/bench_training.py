@@ -35,7 +35,7 @@ from _presets import PRESETS, load_preset, quiet_trainer
 from grok_lightning import FourierEmbeddingMonitor, NormDescentMonitor, TangentGradientMonitor, ZeroLossDetector
 
 # Steps per timed run: long enough for the presets' own runs to be represented. A time budget is a share of the
-# training time, and a tangent monitor's first measurement is paid up front (0.06-1.1 s): only a run ten times longer
+# training time, and a tangent monitor's first measurement is paid up front (0.06-1.2 s): only a run ten times longer
 # than that can show the budget. The presets' own runs where they fit: paper_mlp_mse_gd's 6 000 steps (memorized
 # by ~200) and transformer_ce_adamw's 800 (memorized at 300, generalized at 800); of mlp_ce_adamw's 8 900 steps
 # the first 1 500, which include memorization (~1 000), so that among "all four" the detector lets the tangent

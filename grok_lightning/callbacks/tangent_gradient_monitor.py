@@ -210,10 +210,11 @@ class TangentGradientMonitor(DiagnosticCallback):
           keeps it within, at least 1 s (at fit start no training time has elapsed); a solve cut there logs its
           current values (tangent fractions too large, one warning) and the next measurement warm-starts from it.
           The dense method is a fixed cost, bounded only by skipping. The first measurement is never skipped, so
-          a run shorter than about ten times its cost (measured: 0.1–0.4 s dense on the paper preset, up to the
-          1 s deadline iterative on the mod-97 presets) spends more than the budget's share. Under DDP the
-          deadline is off (ranks' clocks would stop them at different iterates), and skipping alone bounds the
-          cost. Measured overhead: ``docs/performance.md`` (``benchmarks/bench_training.py``).
+          a run shorter than about ten times its cost (measured: 0.06–0.07 s dense on the paper preset,
+          1.05–1.19 s iterative on the mod-97 presets, whose first solve stops at a 1 s deadline) spends more
+          than the budget's share. Under DDP the deadline is off (ranks' clocks would stop them at different
+          iterates), and skipping alone bounds the cost. Measured overhead: ``docs/performance.md``
+          (``benchmarks/bench_training.py``).
         - **Memory.** The constraint set is read once per fit and kept on the module's device; the constraint
           operator and its warm starts are kept between measurements; a dense J (at most 256 MB, see ``"auto"``)
           stays cached until the next measurement.
