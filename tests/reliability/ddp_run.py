@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from grok_lightning import GrokkingModule, ZeroLossDetector
-from reliability.harness import TINY_SETTING, TINY_STEPS, RecordingLogger, disabled, tiny_task
+from reliability.harness import TINY_SETTING, RecordingLogger, disabled, tiny_task, tiny_trainer
 from reliability.registry import CALLBACKS
 
 COLLECTIVES = (
@@ -127,18 +127,11 @@ def fit(out: Path, kind: str) -> None:
     for callback in callbacks:
         interleaved += [Owner(type(callback).__name__), callback]
     strategy = "ddp" if kind == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = tiny_trainer(
+        recorder,
+        [*interleaved, Owner("lightning"), Dump(out, kind, recorder, callbacks)],
         devices=2,
         strategy=strategy,
-        max_steps=TINY_STEPS,
-        logger=recorder,
-        log_every_n_steps=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        callbacks=[*interleaved, Owner("lightning"), Dump(out, kind, recorder, callbacks)],
     )
     CALLS.clear()
     SHARDED.clear()

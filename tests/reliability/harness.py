@@ -76,6 +76,24 @@ def tiny_task(
     return module, datamodule
 
 
+def tiny_trainer(recorder: Logger, callbacks: Iterable[Callback], **overrides: Any) -> pl.Trainer:
+    """The Trainer of the tiny task: CPU, ``TINY_STEPS`` steps logged every 2 to ``recorder``, nothing else on."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": TINY_STEPS,
+        "logger": recorder,
+        "log_every_n_steps": 2,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "callbacks": list(callbacks),
+    }
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
 class RecordingLogger(Logger):
     """Keeps every ``log_metrics`` call, on every rank, in order: ``entries`` is a list of (step, key, value)."""
 

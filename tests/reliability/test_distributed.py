@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from grok_lightning import ZeroLossDetector
-from reliability.harness import TINY_SETTING, TINY_STEPS, RecordingLogger, disabled, tiny_task
+from reliability.harness import TINY_SETTING, TINY_STEPS, RecordingLogger, disabled, tiny_task, tiny_trainer
 from reliability.registry import CALLBACKS, VOLATILE, callbacks_for, specs_for
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
@@ -57,18 +57,7 @@ def single():
     module, data = tiny_task()
     callbacks = callbacks_for(module, TINY_SETTING)
     recorder = RecordingLogger()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=TINY_STEPS,
-        logger=recorder,
-        log_every_n_steps=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    trainer = tiny_trainer(recorder, callbacks)
     trainer.fit(module, data)
     assert not disabled(callbacks)
     detector = next(c for c in callbacks if isinstance(c, ZeroLossDetector))

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import re
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from reliability.harness import TINY_SETTING, TINY_STEPS, RecordingLogger, disabled, tiny_task
+from reliability.harness import TINY_SETTING, RecordingLogger, disabled, tiny_task, tiny_trainer
 from reliability.registry import VOLATILE, callbacks_for, specs_for
 
 # Checkpoints resumed from: inside the memorization streak (step 32, mid-epoch), after the validation whose result the
@@ -38,18 +37,8 @@ def train(tmp_path, ckpt_path=None):
             ModelCheckpoint(tmp_path, filename="{step}-validated", save_top_k=-1),  # after each validation
         ]
     recorder = RecordingLogger()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        max_steps=TINY_STEPS,
-        logger=recorder,
-        log_every_n_steps=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=bool(checkpoints),
-        num_sanity_val_steps=0,
-        callbacks=[*callbacks, *checkpoints],
+    trainer = tiny_trainer(
+        recorder, [*callbacks, *checkpoints], deterministic=True, enable_checkpointing=bool(checkpoints)
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     assert not disabled(callbacks)
