@@ -395,6 +395,19 @@ def is_publishing_step(trainer: pl.Trainer) -> bool:
     return (n > 0 and trainer.global_step % n == 0) or last or trainer.should_stop
 
 
+def next_publishing_step(trainer: pl.Trainer, step: int) -> int | None:
+    """The first step at or after ``step`` that :func:`is_publishing_step` will publish, stops aside; None if none.
+
+    A multiple of ``log_every_n_steps`` or ``max_steps``, whichever comes first and not past ``max_steps``: known in
+    advance, the same on every rank (a ``should_stop`` is not).
+    """
+    n, last = trainer.log_every_n_steps, trainer.max_steps
+    candidates = [-(-step // n) * n] if n > 0 else []
+    if last > 0:
+        candidates = [c for c in candidates if c <= last] + ([last] if step <= last else [])
+    return min(candidates, default=None)
+
+
 def log_now(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     """Write ``metrics`` to every logger now, under ``step``, independently of ``log_every_n_steps``.
 

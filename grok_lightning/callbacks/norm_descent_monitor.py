@@ -18,6 +18,7 @@ from grok_lightning.callbacks._data import (
     is_publishing_step,
     log_pending,
     may_shard_parameters,
+    next_publishing_step,
     optimizer_parameters,
     squared_norms,
 )
@@ -154,11 +155,8 @@ class NormDescentMonitor(DiagnosticCallback):
 
     def _publishes(self, step: int, trainer: pl.Trainer) -> bool:
         # Whether a logging step publishes the measurement at `step`: one in [step, step + every_n_steps).
-        end = step + self.every_n_steps
-        n, last = trainer.log_every_n_steps, trainer.max_steps
-        if last > 0 and step > last:
-            return False
-        return (n > 0 and -(-step // n) * n < end) or step <= last < end
+        upcoming = next_publishing_step(trainer, step)
+        return upcoming is not None and upcoming < step + self.every_n_steps
 
     def _scheduled(self, step: int, trainer: pl.Trainer) -> bool:
         """Whether a measurement at ``step`` can be published, or is the base of a published rate's window.
